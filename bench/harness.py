@@ -1,0 +1,115 @@
+"""Timing, memory and result-file helpers shared by every benchmark.
+
+GPU times are medians of CUDA-event timings after warm-up (`triton.testing.do_bench`): a wall-clock timer
+around asynchronous GPU work measures the launch, not the kernel. On CPU the same code runs at tiny shapes
+with a wall-clock median so CI exercises it; those records say `cpu` and are not performance figures.
+"""
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+ON_GPU = torch.cuda.is_available()
+
+
+@dataclasses.dataclass
+class Record:
+    op: str                      # e.g. "rms_norm.fwd_bwd"
+    provider: str                # ours / eager / torch.compile / liger / cce / ...
+    shape: dict                  # named sizes, e.g. {"tokens": 16384, "hidden": 3584}
+    dtype: str
+    median_ms: float
+    metric: str | None = None    # "TB/s" or "TFLOP/s"
+    value: float | None = None   # achieved rate in `metric`
+    fraction_of_ceiling: float | None = None
+    peak_extra_mib: float | None = None
+    device: str = "cpu"
+    note: str = ""
+
+
+def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    """Median run time of `fn` in milliseconds (CUDA events on GPU, wall clock on CPU)."""
+    if ON_GPU:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn) -> float | None:
+    """Peak device memory allocated by one call of `fn` above what was allocated before it, in MiB."""
+    if not ON_GPU:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def device_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 GEMM rate measured now: what figures are judged by."""
+    if not ON_GPU:
+        return {}
+    src = torch.randn(2**30 // 4, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    gemm_ms = median_ms(lambda: a @ b)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_tb_s": 2 * 2**30 / copy_ms / 1e9, "bf16_gemm_tflop_s": 2 * n**3 / gemm_ms / 1e9}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if ON_GPU else "cpu",
+        "gpu_count": torch.cuda.device_count() if ON_GPU else 0,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    for dist in ("transformers", "liger-kernel", "cut-cross-entropy", "flash-attn"):
+        env[dist] = _version(dist)
+    return env
+
+
+def save_results(records, ceilings: dict, name: str, out_dir=None) -> Path:
+    """Write one results JSON (environment, ceilings, records) and return its path."""
+    env = environment()
+    out_dir = Path(out_dir or os.environ.get("BENCH_OUT") or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = env["device"].replace(" ", "-").lower()
+    path = out_dir / f"{name}_{gpu}x{max(env['gpu_count'], 1)}_{env['date'][:10]}.json"
+    payload = {"suite": name, "env": env, "ceilings": ceilings,
+               "records": [dataclasses.asdict(r) for r in records]}
+    path.write_text(json.dumps(payload, indent=1))
+    return path
