@@ -1,0 +1,48 @@
+"""The benchmark tooling: results files, the regression guard and the generated report."""
+import json
+
+import pytest
+
+from bench import compare, harness, report
+
+
+def _results(**medians):
+    return {"suite": "s", "env": {"device": "NVIDIA H200"}, "ceilings": {},
+            "records": [{"op": "op", "provider": p, "shape": {"n": 1}, "dtype": "bf16", "median_ms": ms,
+                         "metric": None, "value": None, "peak_extra_mib": None} for p, ms in medians.items()]}
+
+
+def test_regression_guard_flags_only_ours_beyond_threshold():
+    old = _results(ours=1.0, eager=2.0)
+    assert compare.regressions(_results(ours=1.04, eager=3.0), old) == []
+    found = compare.regressions(_results(ours=1.10, eager=2.0), old)
+    assert len(found) == 1 and found[0][3] == pytest.approx(0.10)
+
+
+def test_compare_command_exit_code(tmp_path):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_results(ours=1.0)))
+    new.write_text(json.dumps(_results(ours=1.2)))
+    assert compare.main([str(new), str(old)]) == 1
+    new.write_text(json.dumps(_results(ours=0.9)))
+    assert compare.main([str(new), str(old)]) == 0
+
+
+def test_save_results_records_environment(tmp_path):
+    rec = harness.Record(op="op", provider="ours", shape={"n": 3}, dtype="bf16", median_ms=1.5)
+    path = harness.save_results([rec], {}, "unit", out_dir=tmp_path)
+    data = json.loads(path.read_text())
+    assert data["suite"] == "unit" and data["records"][0]["median_ms"] == 1.5
+    assert {"torch", "triton", "device", "date"} <= set(data["env"])
+
+
+def test_report_table_compares_ours_with_best_peer():
+    run = _results(ours=1.0, eager=3.0, liger=2.0)
+    run["file"] = "x.json"
+    table = report.table(report.comparisons([run]))
+    assert "liger" in table and "2.00x" in table
+
+
+def test_median_ms_times_a_function():
+    calls = []
+    assert harness.median_ms(lambda: calls.append(1)) >= 0 and len(calls) >= 2
