@@ -15,6 +15,7 @@ _EXPORTS = {
     "apply_rope": "kernels.rope",
     "swiglu": "kernels.swiglu",
     "SwiGLUMLP": "kernels.swiglu",
+    "swiglu_mlp": "kernels.swiglu",
     "linear_cross_entropy": "kernels.linear_cross_entropy",
     "LinearCrossEntropy": "kernels.linear_cross_entropy",
     "apply_kernels": "kernels.hf_patch",
