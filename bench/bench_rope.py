@@ -1,0 +1,91 @@
+"""RoPE on q and k, bf16: ours vs eager HF apply_rotary_pos_emb, torch.compile of it and Liger.
+
+q and k come as HF makes them: (B, S, H, D) projections viewed as (B, H, S, D), batch 1. Bytes count q and k
+only (e = 2 bytes, N tokens, D head dim):
+  forward:          read q, k and write both rotated         = 2 (Hq + Hk) N D e
+  forward+backward: the same again for the gradients          = 4 (Hq + Hk) N D e
+cos/sin (2 N D e, under 4 % of that here) are not counted. "rope.fwd" uses HF's cos/sin for every provider;
+"rope_positions.fwd" is ours computing the angles in the kernel from position_ids and theta (no table at all).
+Liger writes its result into q and k (in place), so the timing loop keeps rotating the same tensors.
+On CPU the same code runs at a tiny shape through Triton's interpreter (ours and eager only).
+"""
+import pytest
+import torch
+
+from bench.harness import ON_GPU
+from bench.shapes import MODELS, QUICK, token_counts
+from kernels.rope import apply_rope
+
+DTYPE = torch.bfloat16
+THETA = 1e6  # Qwen2.5's rope_theta
+MAIN_TOKENS, MAIN_MODEL = 16384, "qwen2.5-7b"
+if ON_GPU:
+    SHAPES = [(t, MAIN_MODEL) for t in token_counts(MAIN_TOKENS, 4096, 65536)]
+    SHAPES += [] if QUICK else [(MAIN_TOKENS, "qwen2.5-0.5b")]  # head_dim 64
+else:
+    SHAPES = [(16, "qwen2.5-0.5b")]
+PROVIDERS = ["ours", "ours.positions", "eager", "torch.compile", "liger"]
+_COMPILED = []
+
+
+def _hf_rope():
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb
+
+
+def _rope_fn(provider, tokens, model):
+    """fn(q, k, cos, sin, positions) -> (q_rot, k_rot) for the provider, or a skip."""
+    if provider == "ours":
+        return lambda q, k, cos, sin, positions: apply_rope(q, k, cos, sin)
+    if provider == "ours.positions":
+        return lambda q, k, cos, sin, positions: apply_rope(q, k, position_ids=positions, theta=THETA)
+    if provider == "eager":
+        hf = _hf_rope()
+        return lambda q, k, cos, sin, positions: hf(q, k, cos, sin)
+    if not ON_GPU:
+        pytest.skip(f"{provider} is measured on GPU only")
+    if provider == "liger":
+        liger = pytest.importorskip("liger_kernel.transformers.rope")
+        return lambda q, k, cos, sin, positions: liger.liger_rotary_pos_emb(q, k, cos, sin)
+    if (tokens, model) != (MAIN_TOKENS, MAIN_MODEL):
+        pytest.skip("torch.compile is measured at the main shape only: compiling every shape would not fit the run")
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_hf_rope()))
+    compiled = _COMPILED[0]
+    return lambda q, k, cos, sin, positions: compiled(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("op", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("tokens,model", SHAPES)
+def test_rope(measure, device, tokens, model, provider, op):
+    cfg = MODELS[model]
+    heads, kv_heads, head_dim = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    rope = _rope_fn(provider, tokens, model)
+    q = torch.randn(1, tokens, heads, head_dim, device=device, dtype=DTYPE).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, tokens, kv_heads, head_dim, device=device, dtype=DTYPE).transpose(1, 2).requires_grad_()
+    positions = torch.arange(tokens, device=device)[None]
+    inv_freq = 1.0 / THETA ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = positions[..., None].float() * inv_freq
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    cos, sin = cos.to(DTYPE), sin.to(DTYPE)  # HF hands the attention its cos/sin in the activations' dtype
+    # A provider that computes something else would make the comparison meaningless. Expected first: Liger
+    # rotates q and k in place.
+    expected_q = q.float() * cos.float()[:, None] + torch.cat((-q[..., head_dim // 2:], q[..., :head_dim // 2]),
+                                                              -1).float() * sin.float()[:, None]
+    q_rot, k_rot = rope(q, k, cos, sin, positions)
+    torch.testing.assert_close(q_rot.float(), expected_q, atol=3e-2, rtol=2e-2)
+    assert k_rot.shape == k.shape
+    shape = {"tokens": tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    qk_bytes = 2 * (heads + kv_heads) * tokens * head_dim * q.element_size()
+    name = "rope_positions" if provider == "ours.positions" else "rope"
+    provider = "ours" if provider == "ours.positions" else provider
+    if op == "fwd":
+        measure(f"{name}.fwd", provider, lambda: rope(q, k, cos, sin, positions), shape=shape, dtype=DTYPE,
+                bytes=qk_bytes)
+    else:
+        dq, dk = torch.randn_like(q_rot), torch.randn_like(k_rot)
+        measure(f"{name}.fwd_bwd", provider, lambda: torch.autograd.grad(rope(q, k, cos, sin, positions), (q, k),
+                                                                          (dq, dk)),
+                shape=shape, dtype=DTYPE, bytes=2 * qk_bytes)

@@ -1,0 +1,283 @@
+"""RMSNorm with an optional fused residual add: Triton kernels, autograd Function and nn.Module.
+
+Statistics are always fp32. Two casting conventions exist in the wild and users depend on the exact rounding:
+  llama: y = (offset + w) * cast(x * rstd)      (normalise in fp32, round to x's dtype, then scale)
+  gemma: y = cast(x * rstd * (offset + w))      (everything in fp32, one rounding; Gemma uses offset = 1)
+The output has x's dtype. With a residual, the kernel also returns residual_sum = x + residual (rounded to x's
+dtype, as a pre-norm decoder's `residual = residual + hidden`) and normalises that sum.
+
+Backward never writes into a tensor autograd may still hold: dX gets its own buffer, because the incoming
+gradient can be shared with other branches of the graph. dW is reduced without atomics: a persistent grid of
+programs each accumulates an fp32 partial over its rows, and one small kernel sums the partials.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CASTINGS = ("llama", "gemma")
+MAX_HIDDEN = 65536  # one row must fit in a program's registers
+
+
+@triton.jit
+def _rms_norm_forward_kernel(
+    x_ptr, residual_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr,
+    n_rows, n_cols, x_stride, residual_stride, sum_stride, y_stride,
+    eps, offset,
+    GEMMA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RSTD: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + rows[:, None] * residual_stride + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + rows[:, None] * sum_stride + cols[None, :], x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+    if STORE_RSTD:
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    scale = offset + tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    normed = xf * rstd[:, None]
+    if not GEMMA:
+        normed = normed.to(x.dtype).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * y_stride + cols[None, :], (normed * scale[None, :]).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dw_partial_ptr,
+    n_rows, n_cols, n_programs, dy_stride, x_stride, dsum_stride, dx_stride,
+    offset,
+    GEMMA: tl.constexpr, HAS_DSUM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Persistent: program p handles row blocks p, p + P, ... and writes its fp32 dW partial to row p."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    scale = offset + tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for first in range(pid * ROWS, n_rows, n_programs * ROWS):
+        rows = first + tl.arange(0, ROWS).to(tl.int64)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        normed = x.to(tl.float32) * rstd[:, None]
+        if GEMMA:
+            dw += dy * normed
+        else:
+            dw += dy * normed.to(x.dtype).to(tl.float32)
+        dnormed = dy * scale[None, :]
+        projection = tl.sum(dnormed * normed, axis=1) / n_cols
+        dx = rstd[:, None] * (dnormed - normed * projection[:, None])
+        if HAS_DSUM:
+            dx += tl.load(dsum_ptr + rows[:, None] * dsum_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dW = sum of the per-program partials; many narrow column tiles so that no program walks all rows alone."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    total = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for first in range(0, n_partials, BLOCK_P):
+        rows = first + tl.arange(0, BLOCK_P)
+        mask = (rows < n_partials)[:, None] & col_ok[None, :]
+        total += tl.load(partial_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(total, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def next_power_of_2(n):
+    """Plain-Python twin of triton.next_power_of_2: Triton's is a ConstexprFunction whose every host call costs
+    microseconds, and launch settings are worked out on every call."""
+    return 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def check_kernel_tensor(name, tensor, dtypes=SUPPORTED_DTYPES):
+    """Reject what the kernels cannot run on, naming the argument: non-tensors, dtypes, the wrong device."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {tensor.dtype}; supported: {', '.join(map(str, dtypes))}")
+    wanted = "cpu" if kernels.INTERPRETED else "cuda"
+    if tensor.device.type != wanted:
+        where = "Triton's CPU interpreter is active" if kernels.INTERPRETED else "the Triton kernels run on CUDA"
+        raise ValueError(f"{name} is on {tensor.device}, but {where}: move it to a {wanted} device")
+
+
+def _rows(tensor, n_cols):
+    """A (rows, n_cols) view with unit column stride (copying only when the layout forces it)."""
+    rows = tensor.reshape(-1, n_cols)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+# Launch settings {row block: (rows per program, warps)}, picked from a sweep on an H200 (bf16, 16K tokens) for
+# blocks 2048-8192; larger blocks are extrapolated. Rows that fill fewer than 4K lanes are grouped per program.
+_FORWARD_CONFIGS = {4096: (1, 8), 8192: (1, 4), 16384: (1, 8), 32768: (1, 16), 65536: (1, 16)}
+_BACKWARD_CONFIGS = {2048: (2, 8), 4096: (1, 8), 8192: (1, 16), 16384: (1, 16), 32768: (1, 16), 65536: (1, 32)}
+_BACKWARD_PROGRAMS_PER_SM = 2  # enough rows in flight per SM; more only adds dW partials to sum
+
+
+def _forward_config(n_cols):
+    """(block, rows per program, warps)."""
+    block = next_power_of_2(n_cols)
+    rows, warps = _FORWARD_CONFIGS.get(block, (4096 // block, 4))
+    return block, rows, warps
+
+
+def _backward_config(n_cols):
+    """(block, rows per step, warps, programs per SM) of the persistent backward."""
+    block = next_power_of_2(n_cols)
+    rows, warps = _BACKWARD_CONFIGS.get(block, (4096 // block, 8))
+    return block, rows, warps, _BACKWARD_PROGRAMS_PER_SM
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _persistent_programs(n_rows, rows_per_program, programs_per_sm, device):
+    """Enough programs to fill the GPU (a few in the interpreter, where each program is slow to simulate)."""
+    wanted = 4 if kernels.INTERPRETED else programs_per_sm * _multiprocessors(device)
+    return max(1, min(wanted, cdiv(n_rows, rows_per_program)))
+
+
+def _forward(x, weight, residual, eps, offset, gemma, store_rstd, sum_into_residual=False):
+    n_cols = x.shape[-1]
+    x2 = _rows(x, n_cols)
+    n_rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    rstd = torch.empty(n_rows if store_rstd else 1, device=x.device, dtype=torch.float32)
+    if residual is None:
+        res2 = sum2 = x2
+    else:
+        res2 = _rows(residual, n_cols)
+        sum2 = res2 if sum_into_residual else torch.empty_like(x2)
+    block, rows, warps = _forward_config(n_cols)
+    _rms_norm_forward_kernel[(cdiv(n_rows, rows),)](
+        x2, res2, sum2, weight, y, rstd,
+        n_rows, n_cols, x2.stride(0), res2.stride(0), sum2.stride(0), y.stride(0),
+        eps, offset,
+        GEMMA=gemma, HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd,
+        ROWS=rows, BLOCK=block, num_warps=warps,
+    )
+    if sum_into_residual:
+        if sum2.data_ptr() != residual.data_ptr():  # _rows had to copy a strided residual
+            residual.copy_(sum2.view(x.shape))
+        return y.view(x.shape), residual, rstd
+    return y.view(x.shape), sum2.view(x.shape), rstd
+
+
+def _backward(dy, normed_input, weight, rstd, dsum, offset, gemma):
+    n_cols = normed_input.shape[-1]
+    x2 = _rows(normed_input, n_cols)
+    dy2 = _rows(dy, n_cols)
+    dsum2 = dy2 if dsum is None else _rows(dsum, n_cols)
+    n_rows = x2.shape[0]
+    dx = torch.empty_like(x2)
+    block, rows, warps, programs_per_sm = _backward_config(n_cols)
+    programs = _persistent_programs(n_rows, rows, programs_per_sm, x2.device)
+    dw_partial = torch.empty(programs, n_cols, device=x2.device, dtype=torch.float32)
+    _rms_norm_backward_kernel[(programs,)](
+        dy2, x2, weight, rstd, dsum2, dx, dw_partial,
+        n_rows, n_cols, programs, dy2.stride(0), x2.stride(0), dsum2.stride(0), dx.stride(0),
+        offset,
+        GEMMA=gemma, HAS_DSUM=dsum is not None, ROWS=rows, BLOCK=block, num_warps=warps,
+    )
+    dw = torch.empty_like(weight)
+    _sum_partials_kernel[(cdiv(n_cols, 32),)](dw_partial, dw, programs, n_cols,
+                                              BLOCK_P=min(next_power_of_2(programs), 128), BLOCK_C=32)
+    return dx.view(normed_input.shape), dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = RMSNorm(x [+ residual]); saves the normalised input (x or the sum) and one fp32 rstd per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps, offset, gemma, in_place):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        y, normed_input, rstd = _forward(x, weight, residual, eps, offset, gemma, store_rstd=needs_grad,
+                                         sum_into_residual=in_place)
+        if in_place:
+            # The sum replaced `residual`'s contents; mark_dirty bumps its version so autograd refuses to run a
+            # backward that saved the old value, instead of silently using the overwritten one.
+            ctx.mark_dirty(residual)
+        ctx.save_for_backward(normed_input, weight, rstd)
+        ctx.offset, ctx.gemma, ctx.has_residual = offset, gemma, residual is not None
+        if residual is None:
+            return y
+        return y, normed_input
+
+    @staticmethod
+    def backward(ctx, dy, *maybe_dsum):
+        normed_input, weight, rstd = ctx.saved_tensors
+        dsum = maybe_dsum[0] if maybe_dsum else None
+        if dy is None:
+            dy = torch.zeros_like(normed_input)
+        dx, dw = _backward(dy, normed_input, weight, rstd, dsum, ctx.offset, ctx.gemma)
+        # x and residual enter only through their sum, so they share one gradient (as autograd's add does).
+        return dx, dw, dx if ctx.has_residual else None, None, None, None, None
+
+
+def rms_norm(x, weight, eps=1e-6, *, offset=0.0, casting="llama", residual=None, in_place=False):
+    """RMSNorm over the last dimension; with `residual`, returns (y, residual_sum) where residual_sum = x + residual.
+
+    in_place=True (only with a residual) writes the sum into `residual` itself, saving one buffer; autograd's
+    version check then rejects any graph that still needed the old residual.
+    """
+    check_kernel_tensor("x", x)
+    check_kernel_tensor("weight", weight)
+    if casting not in CASTINGS:
+        raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
+    if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dimension of x {tuple(x.shape)}")
+    if not 0 < x.shape[-1] <= MAX_HIDDEN:
+        raise ValueError(f"hidden size {x.shape[-1]} is outside the supported range 1..{MAX_HIDDEN}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if residual is not None:
+        check_kernel_tensor("residual", residual, dtypes=(x.dtype,))
+        if residual.shape != x.shape or residual.device != x.device:
+            raise ValueError(f"residual {tuple(residual.shape)} on {residual.device} must match x "
+                             f"{tuple(x.shape)} on {x.device}")
+    elif in_place:
+        raise ValueError("in_place=True needs a residual: it stores x + residual into the residual tensor")
+    return RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), casting == "gemma", bool(in_place))
+
+
+class RMSNorm(torch.nn.Module):
+    """Drop-in for HF's Qwen2RMSNorm / LlamaRMSNorm (same `weight` key and `variance_epsilon`); Gemma-style with
+    offset=1.0, casting="gemma". The weight starts at 1 - offset so that a fresh module scales by exactly 1."""
+
+    def __init__(self, hidden_size, eps=1e-6, offset=0.0, casting="llama"):
+        super().__init__()
+        if casting not in CASTINGS:
+            raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
+        self.weight = torch.nn.Parameter(torch.full((hidden_size,), 1.0 - offset))
+        self.variance_epsilon = eps
+        self.offset = offset
+        self.casting = casting
+
+    def forward(self, x, residual=None):
+        return rms_norm(x, self.weight, self.variance_epsilon, offset=self.offset, casting=self.casting,
+                        residual=residual)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}, casting={self.casting}"
