@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 import pytest
+import torch
 
 from bench.harness import ON_GPU, Record, device_ceilings, median_ms, peak_extra_mib, save_results
 
@@ -25,10 +26,19 @@ def ceilings():
 
 @pytest.fixture
 def measure(benchmark, ceilings):
-    def _measure(op, provider, fn, *, shape, dtype, bytes=None, flops=None, memory=True, note=""):
-        ms = median_ms(fn)
+    def _measure(op, provider, fn, *, shape, dtype, bytes=None, flops=None, memory=True, note="",
+                 cuda_graph=False):
+        timing = "cuda_events" if ON_GPU else "wall_clock"
+        if ON_GPU and cuda_graph:
+            try:
+                ms, timing = median_ms(fn, cuda_graph=True), "cuda_graph"
+            except Exception as err:  # a provider that cannot be captured is timed with events instead
+                ms, note = median_ms(fn), f"{note}; graph capture failed: {type(err).__name__}".lstrip("; ")
+                torch.cuda.synchronize()
+        else:
+            ms = median_ms(fn)
         rec = Record(op=op, provider=provider, shape=dict(shape), dtype=str(dtype).replace("torch.", ""),
-                     median_ms=ms, device="gpu" if ON_GPU else "cpu", note=note)
+                     median_ms=ms, device="gpu" if ON_GPU else "cpu", timing=timing, note=note)
         if bytes is not None:
             rec.metric, rec.value = "TB/s", bytes / ms / 1e9
             if ceilings:

@@ -1,7 +1,9 @@
 """Timing, memory and result-file helpers shared by every benchmark.
 
 GPU times are medians of CUDA-event timings after warm-up (`triton.testing.do_bench`): a wall-clock timer
-around asynchronous GPU work measures the launch, not the kernel. On CPU the same code runs at tiny shapes
+around asynchronous GPU work measures the launch, not the kernel. For short ops whose host-side launch cost
+exceeds their GPU time, `cuda_graph=True` replays a captured CUDA graph instead, so the figure is the GPU's
+(every provider of a comparison is timed the same way; the record's `timing` says which). On CPU the same code runs at tiny shapes
 with a wall-clock median so CI exercises it; those records say `cpu` and are not performance figures.
 """
 import dataclasses
@@ -32,14 +34,19 @@ class Record:
     fraction_of_ceiling: float | None = None
     peak_extra_mib: float | None = None
     device: str = "cpu"
+    timing: str = "wall_clock"   # cuda_events / cuda_graph / wall_clock (CPU)
     note: str = ""
 
 
-def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:
-    """Median run time of `fn` in milliseconds (CUDA events on GPU, wall clock on CPU)."""
+def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 200, cuda_graph: bool = False) -> float:
+    """Median run time of `fn` in milliseconds (CUDA events or graph replay on GPU, wall clock on CPU)."""
     if ON_GPU:
         import triton.testing
 
+        if cuda_graph:
+            fn()  # compile and allocate outside the capture
+            torch.cuda.synchronize()
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
         return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     fn()
     times = []

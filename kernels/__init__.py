@@ -2,6 +2,10 @@
 
 On a machine without CUDA the kernels run through Triton's interpreter (slow, but exact), so everything here
 also works on CPU tensors.
+
+The ops are imported eagerly because three of them share their module's name (`kernels.rms_norm` is the
+function, not the module); reach a module itself through `importlib.import_module("kernels.rms_norm")`.
+The HF patches import transformers, so they load on first use.
 """
 import importlib
 
@@ -9,24 +13,18 @@ from kernels._interpret import enable_interpreter_without_gpu
 
 INTERPRETED = enable_interpreter_without_gpu()
 
-_EXPORTS = {
-    "rms_norm": "kernels.rms_norm",
-    "RMSNorm": "kernels.rms_norm",
-    "apply_rope": "kernels.rope",
-    "swiglu": "kernels.swiglu",
-    "SwiGLUMLP": "kernels.swiglu",
-    "swiglu_mlp": "kernels.swiglu",
-    "linear_cross_entropy": "kernels.linear_cross_entropy",
-    "LinearCrossEntropy": "kernels.linear_cross_entropy",
-    "apply_kernels": "kernels.hf_patch",
-    "patch_model_class": "kernels.hf_patch",
-}
+from kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy  # noqa: E402
+from kernels.rms_norm import RMSNorm, rms_norm  # noqa: E402
+from kernels.rope import apply_rope  # noqa: E402
+from kernels.swiglu import SwiGLUMLP, swiglu, swiglu_mlp  # noqa: E402
 
-__all__ = sorted(_EXPORTS)
+_LAZY = {"apply_kernels": "kernels.hf_patch", "patch_model_class": "kernels.hf_patch"}
+
+__all__ = ["INTERPRETED", "LinearCrossEntropy", "RMSNorm", "SwiGLUMLP", "apply_kernels", "apply_rope",
+           "linear_cross_entropy", "patch_model_class", "rms_norm", "swiglu", "swiglu_mlp"]
 
 
 def __getattr__(name):
-    """Import submodules lazily: `import kernels` stays cheap and pulls in only what is used."""
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
