@@ -2,8 +2,9 @@
 
     python -m bench.report            # rewrite README's table, bench/REPORT.md, bench/results/plots/*.png
 
-Only GPU records are reported; for each (op, shape, dtype) our median is compared with every peer's from
-the same run. Nothing here is typed by hand: every figure comes from a results file.
+Only GPU records are tabled (CPU-side ones, like the processor's, stay in their JSON). For each (op, shape,
+dtype) our fastest variant is compared with the fastest peer of the same run; context-parallel rows also give
+per-GPU throughput as a fraction of one GPU alone. Every figure comes from a results file, none is typed.
 """
 import json
 import re
@@ -43,7 +44,7 @@ def comparisons(runs):
     for run in runs:
         groups = defaultdict(dict)
         for rec in run["records"]:
-            if rec["median_ms"] > 0:
+            if rec["median_ms"] > 0 and rec.get("device") == "gpu":  # CPU-side benches are reported apart
                 groups[(rec["op"], _shape_str(rec["shape"]), rec["dtype"])][rec["provider"]] = rec
         rows += [(run, *key, provs) for key, provs in groups.items()]
     return rows
