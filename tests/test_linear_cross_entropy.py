@@ -1,0 +1,270 @@
+"""Fused linear + cross-entropy against a float64 PyTorch reference: loss, per-token loss, lse, dx, dW, db.
+
+On CPU the kernels run through Triton's interpreter at tiny vocab / hidden sizes (odd ones included); the GPU
+tests run the real Qwen2.5-7B head (V = 152064, H = 3584) in bf16, and a CUDA-graph capture that fails if
+anything in the op synchronises with the host.
+"""
+import importlib
+import pytest
+import torch
+import torch.nn.functional as F
+
+lce_module = importlib.import_module("kernels.linear_cross_entropy")
+from kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
+
+STRATEGIES = [dict(dw_accumulation="fp32", chunk_size=16), dict(dw_accumulation="per_vocab_chunk", chunk_size=48)]
+
+
+def reference(x, weight, target, bias=None, *, ignore_index=-100, reduction="mean", weights=None,
+              label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0):
+    """Float64 loss, per-token loss and lse, differentiable with respect to x, weight and bias."""
+    logits = x.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = logits / temperature
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    lse = logits.logsumexp(-1)
+    valid = target != ignore_index
+    target_logit = logits.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    token_loss = ((1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1))
+                  + z_loss * lse * lse)
+    token_loss = torch.where(valid, token_loss, 0.0)
+    weighted = token_loss if weights is None else token_loss * weights.double()
+    if reduction == "none":
+        return weighted, token_loss, lse
+    loss = weighted.sum()
+    if reduction == "mean":
+        loss = loss / valid.sum().clamp(min=1)
+    return loss, token_loss, lse
+
+
+def make_inputs(lead, hidden, vocab, device, dtype=torch.float32, ignore_fraction=0.25, logit_scale=4.0):
+    """Hidden states RMS-normalised then scaled, weights giving logits with a realistic spread; some ignored."""
+    x = torch.randn(*lead, hidden, device=device)
+    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) * 2.0).to(dtype)
+    weight = (torch.randn(vocab, hidden, device=device) * logit_scale / (2.0 * hidden ** 0.5)).to(dtype)
+    target = torch.randint(0, vocab, lead, device=device)
+    target[torch.rand(lead, device=device) < ignore_fraction] = -100
+    return x, weight, target
+
+
+def run_both(x, weight, target, bias=None, grad_scale=None, **opts):
+    """Loss, extras and every gradient from ours and from the float64 reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    strategy = {k: opts.pop(k) for k in ("dw_accumulation", "chunk_size") if k in opts}
+    ours = linear_cross_entropy(*leaves[:2], target, *leaves[2:], return_per_token=True, return_lse=True,
+                                **opts, **strategy)
+    ref = reference(*ref_leaves[:2], target, *ref_leaves[2:], **opts)
+    seed = grad_scale if grad_scale is not None else torch.ones_like(ref[0])
+    ours[0].backward(seed.to(ours[0].dtype))
+    ref[0].backward(seed.double())
+    return ours, ref, [t.grad for t in leaves], [t.grad for t in ref_leaves]
+
+
+def assert_matches(ours, ref, grads, ref_grads, loss_tol, grad_tol):
+    for got, want in zip(ours, ref):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=loss_tol, atol=loss_tol)
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        want = want.double()
+        scale = want.abs().max().clamp(min=1e-30)
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=grad_tol, atol=grad_tol)
+
+
+# fp32 on CPU: the kernels compute in fp32 throughout, so 1e-5 relative is the bar.
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_plain_and_reductions_match_float64(strategy, reduction, device):
+    if device.type == "cuda":
+        pytest.skip("CPU interpreter sizes; the GPU has its own tests below")
+    x, weight, target = make_inputs((3, 7), 33, 101, device)
+    seed = torch.randn(3, 7, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    result = run_both(x, weight, target, grad_scale=seed, reduction=reduction, **strategy)
+    assert_matches(*result, loss_tol=1e-5, grad_tol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("options", [
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(softcap=5.0),
+    dict(temperature=0.7),
+    dict(ignore_index=3),
+    dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0, temperature=1.3, reduction="sum"),
+], ids=["smoothing", "z_loss", "softcap", "temperature", "ignore_index_3", "all"])
+def test_options_match_float64(strategy, options, device):
+    if device.type == "cuda":
+        pytest.skip("CPU interpreter sizes")
+    x, weight, target = make_inputs((29,), 16, 37, device)
+    if options.get("ignore_index") == 3:
+        target[target == -100] = 3
+    bias = torch.randn(37) * 0.5
+    weights = torch.rand(29) * 2
+    assert_matches(*run_both(x, weight, target, bias, weights=weights, **options, **strategy),
+                   loss_tol=1e-5, grad_tol=1e-5)
+
+
+def test_row_blocks_and_chunks_fold_like_one_pass(device, monkeypatch):
+    """Rows longer than one kernel block and ragged last chunks of tokens and vocabulary."""
+    if device.type == "cuda":
+        pytest.skip("CPU interpreter sizes")
+    monkeypatch.setattr(lce_module, "_ROW_BLOCK", 16)
+    x, weight, target = make_inputs((2, 11), 40, 131, device)
+    for strategy in (dict(dw_accumulation="fp32", chunk_size=5), dict(dw_accumulation="per_vocab_chunk",
+                                                                       chunk_size=50)):
+        assert_matches(*run_both(x, weight, target, softcap=10.0, label_smoothing=0.05, **strategy),
+                       loss_tol=1e-5, grad_tol=1e-5)
+
+
+# bf16 on CPU: logits and statistics stay fp32; the gradients are rounded to bf16 once (relative ~2^-8).
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+def test_bf16_matches_float64(strategy, device, monkeypatch):
+    """Also narrows the fp32 dW in place over several row blocks (the gradient aliases the fp32 buffer)."""
+    if device.type == "cuda":
+        pytest.skip("CPU interpreter sizes")
+    monkeypatch.setattr(lce_module, "_NARROW_ROWS", 5)
+    x, weight, target = make_inputs((31,), 40, 173, device, dtype=torch.bfloat16)
+    bias = (torch.randn(173) * 0.3).to(torch.bfloat16)
+    assert_matches(*run_both(x, weight, target, bias, z_loss=1e-4, **strategy), loss_tol=1e-4, grad_tol=1e-2)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("tokens", [9, 0], ids=["all_ignored", "empty"])
+def test_all_ignored_gives_zero_loss_and_zero_grads(strategy, tokens, device):
+    x, weight, target = make_inputs((tokens,), 16, 37, device, ignore_fraction=1.0)
+    x.requires_grad_()
+    weight.requires_grad_()
+    loss = linear_cross_entropy(x, weight, target, **strategy)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert (x.grad == 0).all() and (weight.grad == 0).all()
+
+
+def test_tied_embedding_accumulates_both_gradients(device):
+    """W shared with the input embedding: dW is the sum of the embedding's and the head's gradients."""
+    vocab, hidden = 53, 24
+    weight = (torch.randn(vocab, hidden, device=device) * 0.3).requires_grad_()
+    ref_weight = weight.detach().clone().requires_grad_()
+    tokens = torch.randint(0, vocab, (2, 9), device=device)
+    target = torch.randint(0, vocab, (2, 9), device=device)
+    loss = linear_cross_entropy(F.embedding(tokens, weight) * 1.5, weight, target, chunk_size=7)
+    ref = reference(F.embedding(tokens, ref_weight) * 1.5, ref_weight, target)[0]
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, ref_weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_module_and_return_order(device):
+    x, weight, target = make_inputs((13,), 16, 37, device)
+    module = LinearCrossEntropy(reduction="sum", return_lse=True, label_smoothing=0.1)
+    loss, lse = module(x, weight, target)
+    ref_loss, _, ref_lse = reference(x, weight, target, reduction="sum", label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    assert "reduction='sum'" in repr(module)
+    per_token = linear_cross_entropy(x, weight, target, return_per_token=True)[1]
+    assert per_token.shape == target.shape and (per_token[target == -100] == 0).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(target=torch.zeros(4, dtype=torch.int64)), "target must have shape"),
+    (dict(target=torch.zeros(5)), "int64"),
+    (dict(weight=torch.randn(37, 15)), "agree on H"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(softcap=-1.0), "softcap"),
+    (dict(dw_accumulation="bf16"), "dw_accumulation"),
+    (dict(weights=torch.ones(4)), "weights"),
+    (dict(bias=torch.zeros(36)), "bias"),
+], ids=["target_shape", "target_dtype", "hidden", "reduction", "smoothing", "temperature", "softcap",
+        "strategy", "weights", "bias"])
+def test_bad_input_raises_clear_error(bad, message):
+    args = dict(x=torch.randn(5, 16), weight=torch.randn(37, 16), target=torch.zeros(5, dtype=torch.int64))
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=message):
+        linear_cross_entropy(args.pop("x"), args.pop("weight"), args.pop("target"), args.pop("bias", None), **args)
+
+
+def test_second_backward_raises_instead_of_rescaling_consumed_gradients():
+    x = torch.randn(6, 16, requires_grad=True)
+    loss = linear_cross_entropy(x, torch.randn(37, 16), torch.randint(0, 37, (6,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_target_out_of_range_raises():
+    with pytest.raises(RuntimeError, match="outside"):
+        linear_cross_entropy(torch.randn(3, 8), torch.randn(5, 8), torch.tensor([0, 5, 1]))
+
+
+def _chunked_reference(x, weight, target, rows=1024, **opts):
+    """Float32-logit reference for full-size shapes, in row chunks so it fits next to the op."""
+    parts = [reference(x[i:i + rows].float(), weight.float(), target[i:i + rows], reduction="none", **opts)
+             for i in range(0, x.shape[0], rows)]
+    return [torch.cat(p) for p in zip(*parts)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dw_accumulation", ["fp32", "per_vocab_chunk"])
+@pytest.mark.parametrize("vocab", [152064, 151937])
+def test_full_size_bf16_on_gpu(dw_accumulation, vocab):
+    """Qwen2.5-7B head at full vocab (and an odd one), bf16: loss, lse, dx and dW against fp32-logit autograd."""
+    torch.manual_seed(0)
+    hidden, tokens = 3584, 1024
+    x, weight, target = make_inputs((tokens,), hidden, vocab, "cuda", dtype=torch.bfloat16)
+    x.requires_grad_()
+    weight.requires_grad_()
+    loss, token_loss, lse = linear_cross_entropy(x, weight, target, return_per_token=True, return_lse=True,
+                                                 softcap=30.0, dw_accumulation=dw_accumulation)
+    dx, dw = torch.autograd.grad(loss, (x, weight))
+    xf, wf = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref_tokens, _, ref_lse = _chunked_reference(xf, wf, target, softcap=30.0)
+    ref_loss = ref_tokens.sum() / (target != -100).sum()
+    ref_dx, ref_dw = torch.autograd.grad(ref_loss, (xf, wf))
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(token_loss, ref_tokens.float(), rtol=1e-3, atol=1e-3)
+    for got, want in ((dx, ref_dx), (dw, ref_dw)):
+        assert torch.isfinite(got).all()
+        # bf16 gradients of the logits feed the GEMMs: each element within 3 % of the largest, 1 % overall.
+        torch.testing.assert_close(got.float() / want.abs().max(), want / want.abs().max(), rtol=0, atol=3e-2)
+        assert (got.float() - want).norm() <= 1e-2 * want.norm()
+    assert weight.grad is None and dw.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dw_accumulation", ["fp32", "per_vocab_chunk"])
+def test_cuda_graph_capture_has_no_host_sync(dw_accumulation):
+    """Capturing forward + backward in a CUDA graph fails on any host synchronisation; replays match eager.
+
+    cuBLAS may pick other algorithms inside a capture, so results agree to fp32 summation order: within 1 % of
+    each tensor's largest element (a bf16 reduction would miss by several %).
+    """
+    x, weight, target = make_inputs((4096,), 512, 32000, "cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    x.requires_grad_()
+    weight.requires_grad_()
+
+    def step():
+        loss = linear_cross_entropy(x, weight, target, label_smoothing=0.1, dw_accumulation=dw_accumulation)
+        return (loss, *torch.autograd.grad(loss, (x, weight)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles, capability probe) off the default stream
+        eager = [t.detach() for t in step()]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, eager):
+        scale = want.abs().max().float()
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=1e-2)
