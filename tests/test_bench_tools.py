@@ -9,7 +9,8 @@ from bench import compare, harness, report
 def _results(**medians):
     return {"suite": "s", "env": {"device": "NVIDIA H200"}, "ceilings": {},
             "records": [{"op": "op", "provider": p, "shape": {"n": 1}, "dtype": "bf16", "median_ms": ms,
-                         "metric": None, "value": None, "peak_extra_mib": None} for p, ms in medians.items()]}
+                         "metric": None, "value": None, "peak_extra_mib": None, "device": "gpu"}
+                        for p, ms in medians.items()]}
 
 
 def test_regression_guard_flags_only_ours_beyond_threshold():
