@@ -5,6 +5,10 @@ Bytes are the minimum any implementation must move (e = 2 bytes for bf16, N toke
   forward+backward: forward, then read x, dy and w, write dx and dW  = (5 N H + 3 H) e
 Our saved fp32 rstd (4 bytes a row) and the fp32 dW partials are not counted: they are costs of our method.
 Backward is timed through torch.autograd.grad so that no .grad accumulation kernel is included.
+Every provider is timed by replaying a captured CUDA graph ("rms_norm.fwd", "rms_norm.fwd_bwd"): the GPU's
+time, which is what a training step pays once launches queue ahead of the GPU. At the main shape the same calls
+are also timed with CUDA events around each eager call ("...host_included"): when the Python and launch work
+of a call outlasts its kernels, that figure is the host's time, which a user running eager PyTorch sees.
 On CPU the same code runs at a tiny shape through Triton's interpreter (ours and eager only).
 """
 import pytest
@@ -22,6 +26,8 @@ if ON_GPU:
     SHAPES += [] if QUICK else [(MAIN_TOKENS, 1152), (MAIN_TOKENS, 4608)]  # SigLIP-so400m, Gemma-2-27B
 else:
     SHAPES = [(64, 96)]
+# Every shape graph-timed; the main one (on CPU the tiny one) also host-included.
+CASES = [(*shape, "cuda_graph") for shape in SHAPES] + [(*SHAPES[0], "host_included")]
 
 
 PROVIDERS = ["ours", "eager", "torch.compile", "liger"]
@@ -48,10 +54,27 @@ def _module(provider, tokens, hidden):
     return _COMPILED[hidden]
 
 
+def _fwd_bwd(module, x, dy, fresh_leaves):
+    """fn() -> (dx, dweight). With fresh_leaves, x and the weight enter each call as new leaf tensors (same
+    storage): a leaf's gradient node remembers the stream it was first used on, and one left over from the eager
+    warm-up on the default stream would break the CUDA-graph capture that runs on a side stream."""
+    if not fresh_leaves:
+        params = (x, module.weight)
+        return lambda: torch.autograd.grad(module(x), params, dy)
+    (weight_name, weight), = module.named_parameters()  # "weight", or "_orig_mod.weight" under torch.compile
+
+    def run():
+        x_leaf, weight_leaf = x.detach().requires_grad_(), weight.detach().requires_grad_()
+        y = torch.func.functional_call(module, {weight_name: weight_leaf}, (x_leaf,))
+        return torch.autograd.grad(y, (x_leaf, weight_leaf), dy)
+
+    return run
+
+
 @pytest.mark.parametrize("op", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens,hidden", SHAPES)
-def test_rms_norm(measure, device, tokens, hidden, provider, op):
+@pytest.mark.parametrize("tokens,hidden,timing", CASES)
+def test_rms_norm(measure, device, tokens, hidden, timing, provider, op):
     module = _module(provider, tokens, hidden).to(device=device, dtype=DTYPE)
     x = torch.randn(tokens, hidden, device=device, dtype=DTYPE, requires_grad=True)
     dy = torch.randn_like(x)
@@ -63,10 +86,12 @@ def test_rms_norm(measure, device, tokens, hidden, provider, op):
     torch.testing.assert_close(module(x).float(), expected, atol=3e-2, rtol=2e-2)
     shape = {"tokens": tokens, "hidden": hidden}
     element = x.element_size()
+    graph = timing == "cuda_graph"
     if op == "fwd":
-        measure("rms_norm.fwd", provider, lambda: module(x), shape=shape, dtype=DTYPE,
-                bytes=(2 * tokens * hidden + hidden) * element)
+        run = lambda: module(x)  # noqa: E731
+        op_bytes = (2 * tokens * hidden + hidden) * element
     else:
-        params = (x, module.weight)
-        measure("rms_norm.fwd_bwd", provider, lambda: torch.autograd.grad(module(x), params, dy), shape=shape,
-                dtype=DTYPE, bytes=(5 * tokens * hidden + 3 * hidden) * element)
+        run = _fwd_bwd(module, x, dy, fresh_leaves=graph)
+        op_bytes = (5 * tokens * hidden + 3 * hidden) * element
+    measure(f"rms_norm.{op}" if graph else f"rms_norm.{op}.host_included", provider, run, shape=shape, dtype=DTYPE,
+            bytes=op_bytes, cuda_graph=graph)

@@ -7,6 +7,9 @@ only (e = 2 bytes, N tokens, D head dim):
 cos/sin (2 N D e, under 4 % of that here) are not counted. "rope.fwd" uses HF's cos/sin for every provider;
 "rope_positions.fwd" is ours computing the angles in the kernel from position_ids and theta (no table at all).
 Liger writes its result into q and k (in place), so the timing loop keeps rotating the same tensors.
+Every provider is timed by replaying a captured CUDA graph (the GPU's time); at the main shape the same calls
+are also timed with CUDA events around each eager call ("...host_included"), which is the host's time whenever
+a call's Python and launches outlast its kernels.
 On CPU the same code runs at a tiny shape through Triton's interpreter (ours and eager only).
 """
 import pytest
@@ -24,6 +27,8 @@ if ON_GPU:
     SHAPES += [] if QUICK else [(MAIN_TOKENS, "qwen2.5-0.5b")]  # head_dim 64
 else:
     SHAPES = [(16, "qwen2.5-0.5b")]
+# Every shape graph-timed; the main one (on CPU the tiny one) also host-included.
+CASES = [(*shape, "cuda_graph") for shape in SHAPES] + [(*SHAPES[0], "host_included")]
 PROVIDERS = ["ours", "ours.positions", "eager", "torch.compile", "liger"]
 _COMPILED = []
 
@@ -56,10 +61,24 @@ def _rope_fn(provider, tokens, model):
     return lambda q, k, cos, sin, positions: compiled(q, k, cos, sin)
 
 
+def _fwd_bwd(rope, q, k, dq, dk, tables, fresh_leaves):
+    """fn() -> (dq, dk). With fresh_leaves, q and k enter each call as new leaf tensors (same storage): a leaf's
+    gradient node remembers the stream it was first used on, and one left over from the eager warm-up on the
+    default stream would break the CUDA-graph capture that runs on a side stream."""
+    if not fresh_leaves:
+        return lambda: torch.autograd.grad(rope(q, k, *tables), (q, k), (dq, dk))
+
+    def run():
+        q_leaf, k_leaf = q.detach().requires_grad_(), k.detach().requires_grad_()
+        return torch.autograd.grad(rope(q_leaf, k_leaf, *tables), (q_leaf, k_leaf), (dq, dk))
+
+    return run
+
+
 @pytest.mark.parametrize("op", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("tokens,model", SHAPES)
-def test_rope(measure, device, tokens, model, provider, op):
+@pytest.mark.parametrize("tokens,model,timing", CASES)
+def test_rope(measure, device, tokens, model, timing, provider, op):
     cfg = MODELS[model]
     heads, kv_heads, head_dim = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     rope = _rope_fn(provider, tokens, model)
@@ -81,11 +100,13 @@ def test_rope(measure, device, tokens, model, provider, op):
     qk_bytes = 2 * (heads + kv_heads) * tokens * head_dim * q.element_size()
     name = "rope_positions" if provider == "ours.positions" else "rope"
     provider = "ours" if provider == "ours.positions" else provider
+    graph = timing == "cuda_graph"
     if op == "fwd":
-        measure(f"{name}.fwd", provider, lambda: rope(q, k, cos, sin, positions), shape=shape, dtype=DTYPE,
-                bytes=qk_bytes)
+        run = lambda: rope(q, k, cos, sin, positions)  # noqa: E731
+        op_bytes = qk_bytes
     else:
         dq, dk = torch.randn_like(q_rot), torch.randn_like(k_rot)
-        measure(f"{name}.fwd_bwd", provider, lambda: torch.autograd.grad(rope(q, k, cos, sin, positions), (q, k),
-                                                                          (dq, dk)),
-                shape=shape, dtype=DTYPE, bytes=2 * qk_bytes)
+        run = _fwd_bwd(rope, q, k, dq, dk, (cos, sin, positions), fresh_leaves=graph)
+        op_bytes = 2 * qk_bytes
+    measure(f"{name}.{op}" if graph else f"{name}.{op}.host_included", provider, run, shape=shape, dtype=DTYPE,
+            bytes=op_bytes, cuda_graph=graph)

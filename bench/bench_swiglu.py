@@ -8,6 +8,12 @@ MLP (H hidden): 9 GEMMs of 2 T H I flops each = 18 T H I model flops, whatever a
 Providers: ours (saves gate / up), ours.recompute, ours.triton_gemm (gate / up GEMM with the SwiGLU epilogue
 in Triton), eager HF Qwen2MLP, torch.compile of it, Liger's LigerSwiGLUMLP. gate_up.fwd isolates the GEMM
 choice: two cuBLAS GEMMs + our elementwise kernel vs the Triton GEMM with the epilogue.
+Where the MLP's time goes: gemms times the nine GEMMs alone (no elementwise pass: the floor of any
+cuBLAS-based MLP) with cuBLAS and with cuBLASLt as torch's preferred library, in the order of a variant that
+packs [gate | up] into one [T, 2 I] buffer and gets both weight grads from one GEMM; gemm_choice compares
+each merge of the gate and up GEMMs with the separate GEMMs that swiglu_mlp runs (on the H200 the merges
+measured no faster, so swiglu_mlp keeps them separate); overlap runs the backward elementwise kernel on a
+second stream beside the dh GEMM to see whether the GPU hides it.
 Backward is timed through torch.autograd.grad (fresh gradients, no .grad accumulation kernels); peak extra
 memory counts everything one forward+backward allocates, gradients included, the same way for every provider.
 On CPU the same code runs at tiny shapes through Triton's interpreter (ours and eager only).
@@ -17,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import ON_GPU
-from kernels.swiglu import SwiGLUMLP, gate_up_swiglu_gemm, swiglu, swiglu_forward
+from kernels.swiglu import SwiGLUMLP, gate_up_swiglu_gemm, swiglu, swiglu_backward, swiglu_forward
 
 DTYPE = torch.bfloat16
 if ON_GPU:
@@ -140,3 +146,99 @@ def test_gate_up_fwd(measure, device, variant):
     measure("swiglu_mlp.gate_up_fwd", variant, fn, dtype=DTYPE, flops=4 * TOKENS * HIDDEN * INTERMEDIATE,
             shape=MLP_SHAPE)
 
+
+
+def _mlp_operands(device):
+    """Random operands of every GEMM in the MLP, [gate | up] packed as the MLP packs them."""
+    g = torch.Generator(device=device).manual_seed(0)
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=DTYPE, generator=g) / shape[-1] ** 0.25
+    return dict(x=rand(TOKENS, HIDDEN), gate_w=rand(INTERMEDIATE, HIDDEN), up_w=rand(INTERMEDIATE, HIDDEN),
+                down_w=rand(HIDDEN, INTERMEDIATE), gate_up=rand(TOKENS, 2 * INTERMEDIATE),
+                h=rand(TOKENS, INTERMEDIATE), dout=rand(TOKENS, HIDDEN))
+
+
+def _gate_up_into_halves(x, gate_w, up_w):
+    """[x Wg^T | x Wu^T]: two cuBLAS GEMMs writing the halves of one [T, 2 I] buffer (leading dimension 2 I)."""
+    gate_up = torch.empty(x.shape[0], 2 * INTERMEDIATE, dtype=x.dtype, device=x.device)
+    torch.mm(x, gate_w.t(), out=gate_up[:, :INTERMEDIATE])
+    torch.mm(x, up_w.t(), out=gate_up[:, INTERMEDIATE:])
+    return gate_up
+
+
+def _nine_gemms(x, gate_w, up_w, down_w, gate_up, h, dout):
+    """The GEMMs of a forward+backward with [gate | up] packed, in swiglu_mlp's order, nothing else."""
+    _gate_up_into_halves(x, gate_w, up_w)
+    F.linear(h, down_w)
+    dh = dout @ down_w
+    dout.t() @ h
+    grad_x = gate_up[:, :INTERMEDIATE] @ gate_w
+    grad_x.addmm_(gate_up[:, INTERMEDIATE:], up_w)
+    gate_up.t() @ x
+    return dh
+
+
+@pytest.mark.parametrize("library", ["cublas", "cublaslt"])
+def test_mlp_gemms(measure, device, library):
+    if not ON_GPU and library == "cublaslt":
+        pytest.skip("cuBLASLt is a GPU library")
+    operands = _mlp_operands(device)
+    previous = torch.backends.cuda.preferred_blas_library(library) if ON_GPU else None
+    try:
+        measure("swiglu_mlp.gemms", library, lambda: _nine_gemms(**operands), shape=MLP_SHAPE, dtype=DTYPE,
+                flops=18 * TOKENS * HIDDEN * INTERMEDIATE, memory=False)
+    finally:
+        if previous is not None:
+            torch.backends.cuda.preferred_blas_library(previous)
+
+
+def _gemm_choice(op, variant, x, gate_w, up_w, gate_up, **_):
+    """One way to run the two GEMMs of `op` that involve gate and up: separate, or merged into one."""
+    gate, up = gate_up[:, :INTERMEDIATE], gate_up[:, INTERMEDIATE:]
+    both_w = torch.cat([gate_w, up_w])
+    return {
+        ("gate_up", "two_gemms_into_halves"): lambda: _gate_up_into_halves(x, gate_w, up_w),
+        ("gate_up", "weight_concat+one_gemm"): lambda: x @ torch.cat([gate_w, up_w]).t(),
+        ("gate_up", "one_gemm_weights_already_concat"): lambda: x @ both_w.t(),
+        ("weight_grads", "two_gemms"): lambda: (gate.t() @ x, up.t() @ x),
+        ("weight_grads", "one_gemm_2I_rows"): lambda: gate_up.t() @ x,
+        ("input_grad", "mm+addmm"): lambda: (gate @ gate_w).addmm_(up, up_w),
+        ("input_grad", "one_gemm_K_2I"): lambda: gate_up @ both_w,
+    }[op, variant]
+
+
+@pytest.mark.parametrize("op,variant", [
+    ("gate_up", "two_gemms_into_halves"), ("gate_up", "weight_concat+one_gemm"),
+    ("gate_up", "one_gemm_weights_already_concat"), ("weight_grads", "two_gemms"),
+    ("weight_grads", "one_gemm_2I_rows"), ("input_grad", "mm+addmm"), ("input_grad", "one_gemm_K_2I")])
+def test_gemm_choice(measure, device, op, variant):
+    fn = _gemm_choice(op, variant, **_mlp_operands(device))
+    measure(f"swiglu_mlp.gemm_choice.{op}", variant, fn, shape=MLP_SHAPE, dtype=DTYPE,
+            flops=4 * TOKENS * HIDDEN * INTERMEDIATE, memory=False)
+
+
+@pytest.mark.parametrize("schedule", ["one_stream", "two_streams"])
+def test_backward_elementwise_overlap(measure, device, schedule):
+    """The dh GEMM and the backward kernel on independent buffers: in turn on one stream, or at once with the
+    kernel on a second stream, which only helps if the GPU runs it on SM resources the GEMM leaves idle."""
+    ops = _mlp_operands(device)
+    dout, down_w, gate_up, h = ops["dout"], ops["down_w"], ops["gate_up"], ops["h"]
+    gate, up = gate_up[:, :INTERMEDIATE], gate_up[:, INTERMEDIATE:]
+    side = torch.cuda.Stream(device) if ON_GPU and schedule == "two_streams" else None
+    main = torch.cuda.current_stream(device) if side is not None else None
+
+    def fn():
+        if side is not None:
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                swiglu_backward(h, gate, up, gate, up)
+        else:
+            swiglu_backward(h, gate, up, gate, up)
+        dh = dout @ down_w
+        if side is not None:
+            main.wait_stream(side)
+        return dh
+
+    measure("swiglu_mlp.bwd_elementwise_overlap", schedule, fn, shape=MLP_SHAPE, dtype=DTYPE,
+            flops=2 * TOKENS * HIDDEN * INTERMEDIATE, memory=False,
+            note="dh GEMM + the backward kernel (bytes 5 T I e) on independent buffers")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for the device machine: installs the carried peer wheels (.whl/, filled by
 # ../shared/gpu/wheels.sh), records the device and its ceilings, runs the GPU tests, then the benchmarks.
-# Logs and one results JSON land in $OUT (few files: the device tool returns at most 8).
+# Logs (tests.log, bench.log) and one results JSON land in $OUT: few files, since the device tool returns
+# at most 8. Run it twice with OUT=$OUT/a and OUT=$OUT/b for two suites in one call.
 #   TESTS="tests/test_rms_norm.py" BENCH="bench/bench_rms_norm.py" bash bench/gpu_run.sh
 # TESTS=none or BENCH=none skips that part; PYTEST_ARGS adds arguments to both pytest runs.
 set -uo pipefail
@@ -14,7 +15,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site
 fi
-python3 - <<'PY' | tee "$OUT/env.json"
+python3 - <<'PY'  # the device and its ceilings, first in the log (the results JSON records them too)
 import json
 from bench.harness import environment, device_ceilings
 print(json.dumps({"env": environment(), "ceilings": device_ceilings()}, indent=1))
@@ -26,7 +27,7 @@ if [ "${TESTS:-tests}" != none ]; then
 fi
 if [ "${BENCH:-bench}" != none ]; then
   BENCH_OUT="$OUT" BENCH_NAME=${BENCH_NAME:-bench} python3 -m pytest ${BENCH:-bench} -q -p no:xdist \
-    --benchmark-json="$OUT/pytest-benchmark.json" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+    --benchmark-json=/tmp/pytest-benchmark.json ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
   status=$((status | ${PIPESTATUS[0]}))
 fi
 exit $status

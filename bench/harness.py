@@ -44,8 +44,8 @@ def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 200, cuda_graph: bool = Fal
         import triton.testing
 
         if cuda_graph:
-            fn()  # compile and allocate outside the capture
-            torch.cuda.synchronize()
+            # do_bench_cudagraph warms up and captures on its own side stream; a first call on the default
+            # stream here would bind autograd's gradient accumulation to the wrong stream for the capture.
             return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
         return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     fn()

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 import kernels
+from kernels._utils import cdiv, check_kernel_tensor, multiprocessor_count, next_power_of_2
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CASTINGS = ("llama", "gemma")
 MAX_HIDDEN = 65536  # one row must fit in a program's registers
 
@@ -55,34 +55,48 @@ def _rms_norm_forward_kernel(
 @triton.jit
 def _rms_norm_backward_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dw_partial_ptr,
-    n_rows, n_cols, n_programs, dy_stride, x_stride, dsum_stride, dx_stride,
+    n_rows, n_cols, dy_stride, x_stride, dsum_stride, dx_stride,
     offset,
     GEMMA: tl.constexpr, HAS_DSUM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Persistent: program p handles row blocks p, p + P, ... and writes its fp32 dW partial to row p."""
+    """Persistent: program p handles row blocks p, p + P, ... and writes its fp32 dW partial to row p.
+
+    Each step issues the loads of the program's next row block before working on the current one: with only a
+    couple of programs resident per SM, memory would otherwise idle through every reduction and store.
+    """
     pid = tl.program_id(0)
+    step = tl.num_programs(0) * ROWS
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
     scale = offset + tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    for first in range(pid * ROWS, n_rows, n_programs * ROWS):
+    own_rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    own_mask = (own_rows < n_rows)[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + own_rows[:, None] * x_stride + cols[None, :], mask=own_mask, other=0.0)
+    dy = tl.load(dy_ptr + own_rows[:, None] * dy_stride + cols[None, :], mask=own_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + own_rows, mask=own_rows < n_rows, other=0.0)
+    for first in range(pid * ROWS, n_rows, step):
         rows = first + tl.arange(0, ROWS).to(tl.int64)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        next_rows = rows + step
+        next_ok = next_rows < n_rows
+        next_mask = next_ok[:, None] & col_ok[None, :]
+        next_x = tl.load(x_ptr + next_rows[:, None] * x_stride + cols[None, :], mask=next_mask, other=0.0)
+        next_dy = tl.load(dy_ptr + next_rows[:, None] * dy_stride + cols[None, :], mask=next_mask, other=0.0)
+        next_rstd = tl.load(rstd_ptr + next_rows, mask=next_ok, other=0.0)
+        dyf = dy.to(tl.float32)
         normed = x.to(tl.float32) * rstd[:, None]
         if GEMMA:
-            dw += dy * normed
+            dw += dyf * normed
         else:
-            dw += dy * normed.to(x.dtype).to(tl.float32)
-        dnormed = dy * scale[None, :]
+            dw += dyf * normed.to(x.dtype).to(tl.float32)
+        dnormed = dyf * scale[None, :]
         projection = tl.sum(dnormed * normed, axis=1) / n_cols
         dx = rstd[:, None] * (dnormed - normed * projection[:, None])
         if HAS_DSUM:
             dx += tl.load(dsum_ptr + rows[:, None] * dsum_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        x, dy, rstd = next_x, next_dy, next_rstd
     tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_ok)
 
 
@@ -99,41 +113,24 @@ def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, n_cols, BLOCK_P: tl.c
     tl.store(out_ptr + cols, tl.sum(total, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def next_power_of_2(n):
-    """Plain-Python twin of triton.next_power_of_2: Triton's is a ConstexprFunction whose every host call costs
-    microseconds, and launch settings are worked out on every call."""
-    return 1 << (int(n) - 1).bit_length()
-
-
-def cdiv(a, b):
-    return -(-a // b)
-
-
-def check_kernel_tensor(name, tensor, dtypes=SUPPORTED_DTYPES):
-    """Reject what the kernels cannot run on, naming the argument: non-tensors, dtypes, the wrong device."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if dtypes is not None and tensor.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {tensor.dtype}; supported: {', '.join(map(str, dtypes))}")
-    wanted = "cpu" if kernels.INTERPRETED else "cuda"
-    if tensor.device.type != wanted:
-        where = "Triton's CPU interpreter is active" if kernels.INTERPRETED else "the Triton kernels run on CUDA"
-        raise ValueError(f"{name} is on {tensor.device}, but {where}: move it to a {wanted} device")
-
-
 def _rows(tensor, n_cols):
     """A (rows, n_cols) view with unit column stride (copying only when the layout forces it)."""
-    rows = tensor.reshape(-1, n_cols)
+    rows = tensor if tensor.dim() == 2 else tensor.reshape(-1, n_cols)
     return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
 # Launch settings {row block: (rows per program, warps)}, picked from a sweep on an H200 (bf16, 16K tokens) for
 # blocks 2048-8192; larger blocks are extrapolated. Rows that fill fewer than 4K lanes are grouped per program.
 _FORWARD_CONFIGS = {4096: (1, 8), 8192: (1, 4), 16384: (1, 8), 32768: (1, 16), 65536: (1, 16)}
-_BACKWARD_CONFIGS = {2048: (2, 8), 4096: (1, 8), 8192: (1, 16), 16384: (1, 16), 32768: (1, 16), 65536: (1, 32)}
-_BACKWARD_PROGRAMS_PER_SM = 2  # enough rows in flight per SM; more only adds dW partials to sum
+# Backward {row block: (rows per step, warps, programs per SM)}, sized by register use (ptxas, sm_90): a program
+# holds its current rows in fp32 plus the prefetched next ones, and rows x block = 8192 at 16 warps (or 4096 at 8)
+# fills about half an SM's register file, so that is the most that fits; two programs per SM only where both fit.
+# Blocks above 8192 spill registers at any setting (as they did without prefetching).
+_BACKWARD_CONFIGS = {2048: (2, 8, 2), 4096: (2, 16, 1), 8192: (1, 16, 1), 16384: (1, 32, 1), 32768: (1, 32, 1),
+                     65536: (1, 32, 1)}
 
 
+@functools.lru_cache(maxsize=None)
 def _forward_config(n_cols):
     """(block, rows per program, warps)."""
     block = next_power_of_2(n_cols)
@@ -141,22 +138,14 @@ def _forward_config(n_cols):
     return block, rows, warps
 
 
-def _backward_config(n_cols):
-    """(block, rows per step, warps, programs per SM) of the persistent backward."""
-    block = next_power_of_2(n_cols)
-    rows, warps = _BACKWARD_CONFIGS.get(block, (4096 // block, 8))
-    return block, rows, warps, _BACKWARD_PROGRAMS_PER_SM
-
-
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _persistent_programs(n_rows, rows_per_program, programs_per_sm, device):
-    """Enough programs to fill the GPU (a few in the interpreter, where each program is slow to simulate)."""
-    wanted = 4 if kernels.INTERPRETED else programs_per_sm * _multiprocessors(device)
-    return max(1, min(wanted, cdiv(n_rows, rows_per_program)))
+def _backward_config(n_cols, device_index):
+    """(block, rows per step, warps, most programs) of the persistent backward; few programs in the interpreter,
+    where each one is slow to simulate."""
+    block = next_power_of_2(n_cols)
+    rows, warps, programs_per_sm = _BACKWARD_CONFIGS.get(block, (4096 // block, 8, 2))
+    most_programs = 4 if kernels.INTERPRETED else programs_per_sm * multiprocessor_count(device_index)
+    return block, rows, warps, most_programs
 
 
 def _forward(x, weight, residual, eps, offset, gemma, store_rstd, sum_into_residual=False):
@@ -192,12 +181,12 @@ def _backward(dy, normed_input, weight, rstd, dsum, offset, gemma):
     dsum2 = dy2 if dsum is None else _rows(dsum, n_cols)
     n_rows = x2.shape[0]
     dx = torch.empty_like(x2)
-    block, rows, warps, programs_per_sm = _backward_config(n_cols)
-    programs = _persistent_programs(n_rows, rows, programs_per_sm, x2.device)
+    block, rows, warps, most_programs = _backward_config(n_cols, x2.device.index)
+    programs = max(1, min(most_programs, cdiv(n_rows, rows)))
     dw_partial = torch.empty(programs, n_cols, device=x2.device, dtype=torch.float32)
     _rms_norm_backward_kernel[(programs,)](
         dy2, x2, weight, rstd, dsum2, dx, dw_partial,
-        n_rows, n_cols, programs, dy2.stride(0), x2.stride(0), dsum2.stride(0), dx.stride(0),
+        n_rows, n_cols, dy2.stride(0), x2.stride(0), dsum2.stride(0), dx.stride(0),
         offset,
         GEMMA=gemma, HAS_DSUM=dsum is not None, ROWS=rows, BLOCK=block, num_warps=warps,
     )

@@ -9,11 +9,13 @@ documents that restart, zigzag context-parallel shards) cost no cos/sin table at
 Given cos/sin are used exactly as HF does, half by half: out[:h] = x1 cos[:h] - x2 sin[:h],
 out[h:] = x2 cos[h:] + x1 sin[h:]. The math runs in fp32 and rounds once at the store.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.rms_norm import cdiv, check_kernel_tensor, next_power_of_2
+from kernels._utils import cdiv, check_kernel_tensor, next_power_of_2
 
 LAYOUTS = ("bhsd", "bshd")
 MAX_HEAD_ELEMENTS = 4096  # heads x half-dim one program rotates for q (and again for k)
@@ -126,20 +128,32 @@ def _num_warps(elements, from_positions):
     return 4 if elements >= 1024 else 2
 
 
-def _launch(q, k, q_out, k_out, tables, from_positions, layout, rotary_dim, backward):
-    """Rotate q -> q_out and k -> k_out (either may be None); tables = (cos, sin) or (positions, inv_freq)."""
-    ref = q if q is not None else k
-    batch, seq = (ref.shape[0], ref.shape[1]) if layout == "bshd" else (ref.shape[0], ref.shape[2])
-    heads_of = (lambda t: t.shape[2] if layout == "bshd" else t.shape[1])
-    n_q = heads_of(q) if q is not None else 0
-    n_k = heads_of(k) if k is not None else 0
+@functools.lru_cache(maxsize=None)
+def _launch_config(head_dim, rotary_dim, n_q, n_k, from_positions):
+    """Compile-time sizes, head blocks and warps for one model's attention shape, worked out once."""
     half = rotary_dim // 2
-    pass_dims = ref.shape[-1] - rotary_dim
+    pass_dims = head_dim - rotary_dim
     block_half = next_power_of_2(half)
     cap = max(1, MAX_HEAD_ELEMENTS // block_half)
     block_q = min(next_power_of_2(max(n_q, 1)), cap)
     block_k = min(next_power_of_2(max(n_k, 1)), cap)
-    head_blocks = max(cdiv(n_q, block_q), cdiv(n_k, block_k))
+    constants = dict(HALF=half, BLOCK_HALF=block_half, PASS=pass_dims,
+                     BLOCK_PASS=next_power_of_2(max(pass_dims, 1)), BLOCK_Q_HEADS=block_q, BLOCK_K_HEADS=block_k,
+                     num_warps=_num_warps(block_half * (block_q + block_k), from_positions))
+    return constants, max(cdiv(n_q, block_q), cdiv(n_k, block_k))
+
+
+_NO_STRIDES = (0, 0, 0)
+
+
+def _launch(q, k, q_out, k_out, tables, from_positions, layout, rotary_dim, backward):
+    """Rotate q -> q_out and k -> k_out (either may be None); tables = (cos, sin) or (positions, inv_freq)."""
+    ref = q if q is not None else k
+    seq_axis, head_axis = (1, 2) if layout == "bshd" else (2, 1)
+    batch, seq = ref.shape[0], ref.shape[seq_axis]
+    n_q = q.shape[head_axis] if q is not None else 0
+    n_k = k.shape[head_axis] if k is not None else 0
+    constants, head_blocks = _launch_config(ref.shape[-1], rotary_dim, n_q, n_k, from_positions)
     if from_positions:
         positions, inv_freq = tables
         cos = sin = inv_freq
@@ -150,22 +164,17 @@ def _launch(q, k, q_out, k_out, tables, from_positions, layout, rotary_dim, back
         positions, inv_freq = cos, cos
         pos_strides = (0, 0)
         cos_strides, sin_strides = _table_strides(cos), _table_strides(sin)
-    dummy = (0, 0, 0)
-    q_strides = _bshd_strides(q, layout) if q is not None else dummy
-    k_strides = _bshd_strides(k, layout) if k is not None else dummy
-    qo_strides = _bshd_strides(q_out, layout) if q is not None else dummy
-    ko_strides = _bshd_strides(k_out, layout) if k is not None else dummy
-    work = block_half * (block_q + block_k)
+    q_strides = _bshd_strides(q, layout) if q is not None else _NO_STRIDES
+    k_strides = _bshd_strides(k, layout) if k is not None else _NO_STRIDES
+    qo_strides = _bshd_strides(q_out, layout) if q is not None else _NO_STRIDES
+    ko_strides = _bshd_strides(k_out, layout) if k is not None else _NO_STRIDES
     _rope_kernel[(batch * seq, head_blocks)](
         q if q is not None else k, k if k is not None else q,
         q_out if q is not None else k_out, k_out if k is not None else q_out,
         cos, sin, positions, inv_freq,
         seq, n_q, n_k, *q_strides, *k_strides, *qo_strides, *ko_strides,
         *cos_strides, *sin_strides, *pos_strides,
-        FROM_POSITIONS=from_positions, BACKWARD=backward, DO_Q=q is not None, DO_K=k is not None,
-        HALF=half, BLOCK_HALF=block_half, PASS=pass_dims, BLOCK_PASS=next_power_of_2(max(pass_dims, 1)),
-        BLOCK_Q_HEADS=block_q, BLOCK_K_HEADS=block_k,
-        num_warps=_num_warps(work, from_positions),
+        FROM_POSITIONS=from_positions, BACKWARD=backward, DO_Q=q is not None, DO_K=k is not None, **constants,
     )
 
 

@@ -80,6 +80,26 @@ def test_matches_float64_reference(device, dtype, casting, offset, with_residual
             torch.testing.assert_close(g.double(), e, atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+def test_backward_row_blocks_spread_unevenly_over_programs(device):
+    """The persistent backward walks several row blocks per program and loads the next block early: programs with
+    unequal work, a partly filled last block and fewer rows than programs must still count every row once."""
+    if device.type == "cpu":
+        sizes = [(1, 1100), (3, 1100), (37, 1100), (9, 2100)]  # up to 4 programs, 2-row blocks
+    else:
+        sizes = [(1, 3584), (300, 3584), (5001, 4608), (777, 1152)]
+    for rows, hidden in sizes:
+        x = torch.randn(rows, hidden, device=device, requires_grad=True)
+        residual = torch.randn_like(x, requires_grad=True)
+        weight = torch.randn(hidden, device=device, requires_grad=True)
+        y, summed = rms_norm(x, weight, 1e-5, residual=residual)
+        dy, dsum = torch.randn_like(y), torch.randn_like(summed)
+        got = torch.autograd.grad((y, summed), (x, weight, residual), (dy, dsum))
+        expected = _reference_grads(x, weight, residual, 1e-5, 0.0, dy, dsum)
+        for name, g, e in zip(["dx", "dweight", "dresidual"], got, expected):
+            torch.testing.assert_close(g.double(), e, atol=2e-5 * e.abs().max().item(), rtol=2e-5,
+                                       msg=lambda m: f"{name} at {rows} x {hidden}: {m}")
+
+
 def test_mixed_precision_weight_and_broadcast_shapes(device):
     """fp32 weight with bf16 activations (autocast training) and a 3-D input: output keeps x's dtype and shape."""
     x = torch.randn(2, 3, 40, device=device, dtype=torch.bfloat16)

@@ -1,0 +1,238 @@
+"""End-to-end training-step benchmark of the Eagle 2.5 8B shapes (a torchrun script, not a pytest file).
+
+    torchrun --nproc-per-node 4 -m bench.bench_train                 # everything below, on 4 x H200
+    torchrun --nproc-per-node 4 -m bench.bench_train --parts ladder  # one part: max_dp, max_cp, ladder, pieces
+    torchrun --nproc-per-node 2 -m bench.bench_train --size tiny --parts ladder,pieces --ladder 512 \
+        --pieces-length 512 --tiles 2   # checks the script on CPU in a minute
+
+Model: SigLIP so400m 448/14 + Qwen2.5-7B (SPEC section 2), random weights, bf16 compute with fp32 master
+weights and fp32 gradient reduction, FSDP2 over all ranks, AdamW; one packed sequence per data-parallel
+rank per step: one document of the given length with `--tiles` 448-pixel tiles (256 tokens each) and text.
+A step is the trainer's own `train_step` (forward, backward, clip, optimizer step); times are medians of
+wall-clock steps after warm-up (each step ends with a host sync: loss and grad norm), max over ranks.
+
+Parts:
+- max_dp: the longest sequence per GPU without context parallelism (cp = 1), doubling-then-halving search;
+  the goal is >= 64K tokens per GPU.
+- max_cp: the longest sequence with cp = world size; the goal is >= 256K.
+- ladder: tokens/s per GPU and MFU at 32K, 64K and 128K (cp as small as fits); goal at 128K >= 2,000 tok/s/GPU.
+- pieces: at one length, what each piece buys: kernels off, offload off, selective instead of full
+  activation checkpointing.
+MFU follows eagle/train/metrics.py (model FLOPs, causal attention counted once, vision tower included,
+datasheet dense bf16 peak). Records: op "train_step", provider = the variant, value = tokens/s per GPU.
+"""
+import argparse
+import gc
+import math
+import statistics
+import time
+
+import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA before any kernel is defined)
+import torch
+import torch.distributed as dist
+
+from bench.harness import ON_GPU, Record, device_ceilings, save_results
+from eagle.data.collate import collate_pack
+from eagle.data.dataset import ProcessedPack
+from eagle.train.config import StageConfig, load_config
+from eagle.train.context_parallel import StageAttention
+from eagle.train.faults import NonFiniteGuard
+from eagle.train.metrics import device_peak_tflops
+from eagle.train.parallel_dims import build_fsdp_mesh, build_stage_mesh, init_distributed
+from eagle.train.trainer import build_model, build_optimizer, flops_model, prepare_model, train_step
+
+K = 1024
+
+
+def synthetic_pack(length: int, tiles: int, model_config, seed: int) -> dict:
+    """One collated document of `length` tokens: `tiles` image blocks first, then supervised text."""
+    generator = torch.Generator().manual_seed(seed)
+    image_tokens = tiles * model_config.tokens_per_tile
+    if image_tokens >= length:
+        raise ValueError(f"{tiles} tiles ({image_tokens} tokens) do not fit in {length} tokens")
+    vocab = model_config.text_config.vocab_size
+    text = torch.randint(0, model_config.image_token_index, (length - image_tokens,), generator=generator)
+    input_ids = torch.cat([torch.full((image_tokens,), model_config.image_token_index), text])
+    labels = torch.where(input_ids == model_config.image_token_index, -100, input_ids).clamp(max=vocab - 1)
+    size = model_config.force_image_size
+    doc = {"input_ids": input_ids, "labels": labels, "num_tiles": [1] * tiles,
+           "pixel_values": torch.randn(tiles, 3, size, size, generator=generator), "dataset": "bench", "id": "0"}
+    batch = collate_pack(ProcessedPack([doc], [], {}, 0.0), image_size=size)
+    batch.update(num_image_rows=image_tokens)
+    return batch
+
+
+class Bench:
+    """Builds the sharded 8B model for one variant and times steps at given lengths."""
+
+    def __init__(self, args, *, kernels=True, offload=True, ac="full"):
+        overrides = [f"--kernels.enabled={str(kernels).lower()}",
+                     f"--memory.offload_activations={str(offload).lower()}", f"--memory.activation_checkpointing={ac}"]
+        self.config = load_config("eagle25-8b", overrides + [f"--model.size={args.size}"])
+        self.rank, self.world, self.device = init_distributed()
+        self.fsdp_mesh = build_fsdp_mesh(self.world)
+        with torch.device(self.device):   # built on the GPU: initialising 8B parameters on CPU takes minutes
+            model = build_model(self.config, vocab_size=1024, image_token_index=1023)  # tiny only
+        self.model_config = model.config
+        self.flops = flops_model(model)
+        self.module, self.offload = prepare_model(self.config, model, self.device, self.fsdp_mesh)
+        self.optimizer = build_optimizer(self.config, self.module)
+        self.args = args
+        self.meshes = {}   # one set of process groups per cp degree, not one per measurement
+
+    def close(self):
+        del self.module, self.optimizer
+        gc.collect()
+        if ON_GPU:
+            torch.cuda.empty_cache()
+
+    def run(self, length: int, cp: int, warmup: int | None = None, iters: int | None = None) -> dict:
+        """Median step time etc. at `length` tokens per sequence with context parallelism `cp`; OOM -> None."""
+        warmup = self.args.warmup if warmup is None else warmup
+        iters = self.args.iters if iters is None else iters
+        stage = StageConfig(name=f"{length // K}K", max_length=length, cp=cp, steps=1,
+                            cp_algorithm=self.args.cp_algorithm)
+        if cp not in self.meshes:
+            self.meshes[cp] = build_stage_mesh(self.fsdp_mesh, cp)
+        mesh = self.meshes[cp]
+        self.module.set_cp_group(mesh.cp_group if cp > 1 else None, mesh.cp_rank, cp)
+        attention = StageAttention(mesh, stage, self.model_config.text_config, self.model_config.image_token_index)
+        batch = synthetic_pack(length, self.args.tiles, self.model_config, seed=mesh.dp_rank)
+        shard = attention.shard(batch, self.device)
+        guard = NonFiniteGuard(10**9)
+        if ON_GPU:
+            torch.cuda.reset_peak_memory_stats()
+        times, oom = [], torch.zeros(1, device=self.device)
+        try:
+            for step in range(warmup + iters):
+                start = time.perf_counter()
+                train_step(self.module, self.optimizer, shard, attention, cp, 1.0, guard, step=step,
+                           stage_name=stage.name, offload=self.offload)   # ends with a host sync (grad norm)
+                times.append(time.perf_counter() - start)
+        except torch.OutOfMemoryError:
+            oom += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(oom)
+        if oom.item():
+            del shard
+            gc.collect()
+            torch.cuda.empty_cache()
+            return None
+        step_s = torch.tensor([statistics.median(times[warmup:])], device=self.device, dtype=torch.float64)
+        dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0], device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        seconds = step_s.item()
+        flops = self.flops.step_flops([length], self.args.tiles, self.args.tiles * self.model_config.tokens_per_tile)
+        peak_tflops = device_peak_tflops()
+        return {"step_ms": seconds * 1e3, "tokens_per_s_per_gpu": length / cp / seconds,
+                "tflops_per_gpu": flops / cp / seconds / 1e12,
+                "mfu": flops / cp / seconds / (peak_tflops * 1e12) if peak_tflops else None,
+                "peak_gib": peak.item()}
+
+
+def record(records, ceilings, provider, length, cp, world, result, note=""):
+    shape = {"tokens": length, "cp": cp, "world": world}
+    if dist.get_rank() == 0:
+        print(f"{note} {provider} tokens={length} cp={cp}: {result or 'OOM'}", flush=True)
+    if result is None:
+        records.append(Record(op="train_step", provider=provider, shape=shape, dtype="bfloat16",
+                              median_ms=math.nan, device="gpu" if ON_GPU else "cpu", note=f"OOM {note}".strip()))
+        return
+    frac = result["tflops_per_gpu"] / ceilings["bf16_gemm_tflop_s"] if ceilings else None
+    records.append(Record(op="train_step", provider=provider, shape=shape, dtype="bfloat16",
+                          median_ms=result["step_ms"], metric="tokens/s/GPU", value=result["tokens_per_s_per_gpu"],
+                          fraction_of_ceiling=frac, peak_extra_mib=result["peak_gib"] * 1024,
+                          device="gpu" if ON_GPU else "cpu",
+                          note=f"MFU {result['mfu'] or math.nan:.3f}, {result['tflops_per_gpu']:.2f} TFLOP/s/GPU "
+                               f"(model FLOPs) {note}".strip()))
+
+
+def search_max(bench, cp, start, limit, records, ceilings, provider):
+    """Largest length (multiple of 8K) in [start, limit] that trains: double until OOM, then bisect.
+
+    After an OOM the model is rebuilt: an exception inside an FSDP2 forward or backward can leave parameters
+    unsharded. Returns (length or None, the bench to keep using)."""
+    good, bad, length = None, None, start
+
+    def attempt(n):
+        nonlocal bench
+        result = bench.run(n, cp, warmup=1, iters=1)   # fits or not: two steps (optimizer state included)
+        record(records, ceilings, provider, n, cp, bench.world, result, "search")
+        if result is None:
+            bench.close()
+            bench = Bench(bench.args)
+        return result
+
+    while length <= limit:
+        if attempt(length) is None:
+            bad = length
+            break
+        good, length = length, length * 2
+    while good and bad and bad - good > 8 * K:
+        middle = (good + bad) // 2 // (8 * K) * (8 * K)
+        good, bad = (middle, bad) if attempt(middle) is not None else (good, middle)
+    return good, bench
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="max_dp,max_cp,ladder,pieces")
+    parser.add_argument("--tiles", type=int, default=16, help="tiles per sequence (256 tokens each at 8B)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--cp-algorithm", default="auto")
+    parser.add_argument("--pieces-length", type=int, default=32 * K)
+    parser.add_argument("--max-dp-limit", type=int, default=256 * K, help="longest length the cp=1 search tries")
+    parser.add_argument("--max-cp-limit", type=int, default=512 * K, help="longest length the cp=world search tries")
+    parser.add_argument("--name", default="train")
+    parser.add_argument("--size", default="eagle25-8b", help="model size; `tiny` checks the script on CPU")
+    parser.add_argument("--ladder", default="32768,65536,131072", help="lengths of the ladder part")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    rank, world, _ = init_distributed()
+    ceilings = device_ceilings() if rank == 0 else {}
+    records, summary = [], {}
+    bench = Bench(args)
+    if "max_dp" in parts:
+        summary["max_tokens_per_gpu_cp1"], bench = search_max(bench, 1, 32 * K, args.max_dp_limit, records, ceilings,
+                                                               "ours")
+    if "max_cp" in parts:
+        summary[f"max_tokens_cp{world}"], bench = search_max(bench, world, 128 * K, args.max_cp_limit, records,
+                                                             ceilings, "ours")
+    if "ladder" in parts:
+        for length in (int(n) for n in args.ladder.split(",")):
+            cp = 1
+            while cp <= world:
+                result = bench.run(length, cp)
+                record(records, ceilings, "ours", length, cp, world, result, "ladder")
+                if result is None:
+                    bench.close()
+                    bench = Bench(args)
+                else:
+                    summary[f"tokens_per_s_per_gpu_at_{length}"] = result["tokens_per_s_per_gpu"]
+                    summary[f"mfu_at_{length}"] = result["mfu"]
+                    summary[f"cp_at_{length}"] = cp
+                    break
+                cp *= 2
+    if "pieces" in parts:
+        record(records, ceilings, "ours", args.pieces_length, 1, world, bench.run(args.pieces_length, 1), "pieces")
+    bench.close()
+    if "pieces" in parts:
+        variants = [("kernels-off", dict(kernels=False)), ("offload-off", dict(offload=False)),
+                    ("selective-ac", dict(ac="selective"))]
+        for provider, options in variants:
+            variant = Bench(args, **options)
+            record(records, ceilings, provider, args.pieces_length, 1, world, variant.run(args.pieces_length, 1),
+                   "pieces")
+            variant.close()
+    if rank == 0:
+        records.append(Record(op="train_summary", provider="ours", shape={"world": world}, dtype="bfloat16",
+                              median_ms=math.nan, device="gpu" if ON_GPU else "cpu", note=repr(summary)))
+        path = save_results(records, ceilings, args.name)
+        print(f"summary: {summary}\nresults: {path}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
