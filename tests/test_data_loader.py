@@ -182,6 +182,24 @@ def test_pack_dataset_skips_timeouts_overlong_and_vanished_samples(dataset_dir, 
     assert pack.docs == [] and pack.bad_samples[0]["reason"] == "missing_file"
 
 
+def test_pack_dataset_uses_the_index_video_metadata(dataset_dir, monkeypatch):
+    """Processing takes frame counts and fps from the index: no video container is opened for metadata."""
+    out, _ = dataset_dir
+    spec = next(s for s in load_mixture(str(out / "mixture.yaml")).datasets if s.name == "video")
+    index = load_index(spec, MAX_LENGTH)
+    docs = tuple(DocRef(0, int(index.records[i]), int(index.offsets[i]), int(index.lengths[i]),
+                        index.video_meta[int(index.records[i])]) for i in range(2))
+    dataset = PackDataset([DatasetSource(spec.name, spec.annotation, spec.root)], BACKEND, MAX_LENGTH)
+    reads = []
+    monkeypatch.setattr("eagle.processor.read_video_meta", lambda *args, **kwargs: reads.append(args))
+    pack = dataset[PackRequest(docs, {})]
+    assert pack.bad_samples == [] and reads == []
+    assert [len(doc["input_ids"]) for doc in pack.docs] == [doc.length for doc in docs]
+    assert all(doc["frames"] >= 2 for doc in pack.docs)
+    stale = DocRef(0, docs[0].record, docs[0].offset, docs[0].length, docs[0].video_meta * 2)
+    assert dataset[PackRequest((stale,), {})].bad_samples[0]["reason"] == "process_error"
+
+
 def test_spawn_workers_match_in_process_loading(dataset_dir):
     """Two spawn workers with prefetching yield exactly the in-process batches, bad samples included."""
     out, _ = dataset_dir

@@ -164,6 +164,12 @@ def test_plan_reads_no_pixels(processor, clip, tmp_path, monkeypatch):
     monkeypatch.setattr(video, "_opencv_meta", forbidden)
     again = processor.plan(CONVERSATION, images=[path], videos=plan.video_meta, max_length=200)
     assert again == plan, "a stored VideoMeta replaces reading the container"
+    monkeypatch.undo()  # decoding allowed again, metadata reads still not
+    monkeypatch.setattr(video, "_decord_meta", forbidden)
+    monkeypatch.setattr(video, "_opencv_meta", forbidden)
+    stored = processor(CONVERSATION, images=[path], videos=plan.video_meta, max_length=200)
+    assert torch.equal(stored["input_ids"], full["input_ids"])
+    assert torch.equal(stored["pixel_values"], full["pixel_values"])
 
 
 def test_ads_never_exceeds_and_keeps_text(processor, tokenizer, clip):

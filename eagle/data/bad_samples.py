@@ -5,8 +5,9 @@ and why, and never hang on a media file that makes a decoder spin -- so every pe
 `guarded_call`, and every skip through a `BadSampleLog`.
 """
 import logging
-import threading
 from collections import Counter
+
+from eagle.timeouts import run_with_timeout
 
 logger = logging.getLogger("eagle.data")
 
@@ -41,25 +42,17 @@ def as_bad_sample(error):
 def guarded_call(timeout_s, fn, *args):
     """Run fn(*args); any failure becomes a BadSample, and so does running longer than timeout_s.
 
-    The call runs in a daemon thread: a decoder stuck in C code cannot be interrupted, but the worker can
-    walk away from it and go on with the next sample instead of hanging the whole loader.
+    A decoder stuck in C code cannot be interrupted, but the worker walks away from it (`run_with_timeout`)
+    and goes on with the next sample instead of hanging the whole loader.
     """
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn(*args)
-        except Exception as error:  # noqa: BLE001 -- every sample failure is reported, never raised
-            outcome["error"] = error
-
-    worker = threading.Thread(target=target, daemon=True, name="eagle-data-guarded-call")
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        raise BadSample("timeout", f"no result after {timeout_s:.0f} s")
-    if "error" in outcome:
-        raise as_bad_sample(outcome["error"]) from outcome["error"]
-    return outcome["value"]
+    try:
+        return run_with_timeout(lambda: fn(*args), timeout_s,
+                                lambda: BadSample("timeout", f"no result after {timeout_s:.0f} s"),
+                                name="eagle-data-guarded-call")
+    except BadSample:
+        raise
+    except Exception as error:  # noqa: BLE001 -- every sample failure is reported as a BadSample
+        raise as_bad_sample(error) from error
 
 
 class BadSampleLog:

@@ -7,6 +7,7 @@ import dataclasses
 
 from eagle.processing.errors import MediaError, SampleTooLongError, VideoTimeoutError
 from eagle.processing.tokenizer import load_tokenizer, tiny_tokenizer
+from eagle.processing.video import VideoMeta
 from eagle.processor import EagleProcessor
 
 from .bad_samples import BadSample
@@ -56,9 +57,20 @@ class EagleBackend:
                            for meta in plan.video_meta],
         }
 
+    @staticmethod
+    def _stored_videos(record, video_meta):
+        """The record's videos as the index's stored VideoMeta, so processing does not open each file twice."""
+        if not video_meta:  # an index entry without metadata: the processor reads the containers itself
+            return record.videos
+        if len(video_meta) != len(record.videos):
+            raise ValueError(f"index holds metadata for {len(video_meta)} videos but record {record.id!r} has "
+                             f"{len(record.videos)}: rebuild the index")
+        return [VideoMeta(path=str(path), **meta) for path, meta in zip(record.videos, video_meta)]
+
     def process(self, record, max_length, video_meta):
-        """Tokens, labels and pixels; `video_meta` (from the index) is informational: the processor re-reads it."""
-        out = self._guarded(self.processor, self._messages(record), record.images, record.videos, max_length)
+        """Tokens, labels and pixels, sampling frames from `video_meta` (the index's per-video metadata)."""
+        videos = self._stored_videos(record, video_meta)
+        out = self._guarded(self.processor, self._messages(record), record.images, videos, max_length)
         plan = out["plan"]
         return {
             "input_ids": out["input_ids"],

@@ -11,11 +11,11 @@ import dataclasses
 import importlib.util
 import math
 import os
-import threading
 
 import numpy as np
 
 from eagle.processing.errors import VideoLoadError, VideoTimeoutError
+from eagle.timeouts import run_with_timeout
 
 ASSUMED_FPS = 30.0
 MAX_VIDEO_FRAMES = 512  # the most frames per video the model supports
@@ -38,26 +38,6 @@ class VideoMeta:
 
 def has_decord() -> bool:
     return importlib.util.find_spec("decord") is not None
-
-
-def run_with_timeout(fn, timeout_s: float, what: str):
-    """Run fn() in a daemon thread; its result, its exception, or VideoTimeoutError after timeout_s."""
-    box = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as err:  # handed to the caller's thread
-            box["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True, name=f"video-decode:{what}")
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise VideoTimeoutError(f"{what}: no answer within {timeout_s:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def _clean_fps(fps) -> float | None:
@@ -136,7 +116,10 @@ def _try_backends(backend, path, what, calls, timeout_s):
     errors = {}
     for name in _order(backend):
         try:
-            return name, run_with_timeout(calls[name], timeout_s, f"{name} {what} {path}")
+            label = f"{name} {what} {path}"
+            return name, run_with_timeout(
+                calls[name], timeout_s, lambda: VideoTimeoutError(f"{label}: no answer within {timeout_s:g} s"),
+                name=f"video-decode:{label}")
         except Exception as err:  # this decoder failed: note why and try the next one
             errors[name] = err
     timed_out = all(isinstance(err, VideoTimeoutError) for err in errors.values())
