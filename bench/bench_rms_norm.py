@@ -9,12 +9,14 @@ Every provider is timed by replaying a captured CUDA graph ("rms_norm.fwd", "rms
 time, which is what a training step pays once launches queue ahead of the GPU. At the main shape the same calls
 are also timed with CUDA events around each eager call ("...host_included"): when the Python and launch work
 of a call outlasts its kernels, that figure is the host's time, which a user running eager PyTorch sees.
+"copy_floor" is a device copy of the same bytes, graph-timed like the others: the reference at sizes too small
+to reach the 1 GiB copy ceiling.
 On CPU the same code runs at a tiny shape through Triton's interpreter (ours and eager only).
 """
 import pytest
 import torch
 
-from bench.harness import ON_GPU
+from bench.harness import ON_GPU, copy_of
 from bench.shapes import QUICK, token_counts
 from kernels.rms_norm import RMSNorm
 
@@ -30,7 +32,7 @@ else:
 CASES = [(*shape, "cuda_graph") for shape in SHAPES] + [(*SHAPES[0], "host_included")]
 
 
-PROVIDERS = ["ours", "eager", "torch.compile", "liger"]
+PROVIDERS = ["ours", "eager", "torch.compile", "liger", "copy_floor"]
 _COMPILED = {}
 
 
@@ -75,6 +77,15 @@ def _fwd_bwd(module, x, dy, fresh_leaves):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("tokens,hidden,timing", CASES)
 def test_rms_norm(measure, device, tokens, hidden, timing, provider, op):
+    element, graph = DTYPE.itemsize, timing == "cuda_graph"
+    op_bytes = (2 * tokens * hidden + hidden) * element if op == "fwd" else (5 * tokens * hidden + 3 * hidden) * element
+    shape = {"tokens": tokens, "hidden": hidden}
+    if provider == "copy_floor":
+        if not graph:
+            pytest.skip("the copy floor is graph-timed only")
+        measure(f"rms_norm.{op}", provider, copy_of(op_bytes, device), shape=shape, dtype=DTYPE, bytes=op_bytes,
+                cuda_graph=True, memory=False)
+        return
     module = _module(provider, tokens, hidden).to(device=device, dtype=DTYPE)
     x = torch.randn(tokens, hidden, device=device, dtype=DTYPE, requires_grad=True)
     dy = torch.randn_like(x)
@@ -84,14 +95,6 @@ def test_rms_norm(measure, device, tokens, hidden, timing, provider, op):
     xf = x.detach().float()
     expected = module.weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS))
     torch.testing.assert_close(module(x).float(), expected, atol=3e-2, rtol=2e-2)
-    shape = {"tokens": tokens, "hidden": hidden}
-    element = x.element_size()
-    graph = timing == "cuda_graph"
-    if op == "fwd":
-        run = lambda: module(x)  # noqa: E731
-        op_bytes = (2 * tokens * hidden + hidden) * element
-    else:
-        run = _fwd_bwd(module, x, dy, fresh_leaves=graph)
-        op_bytes = (5 * tokens * hidden + 3 * hidden) * element
+    run = (lambda: module(x)) if op == "fwd" else _fwd_bwd(module, x, dy, fresh_leaves=graph)
     measure(f"rms_norm.{op}" if graph else f"rms_norm.{op}.host_included", provider, run, shape=shape, dtype=DTYPE,
             bytes=op_bytes, cuda_graph=graph)

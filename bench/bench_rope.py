@@ -10,12 +10,14 @@ Liger writes its result into q and k (in place), so the timing loop keeps rotati
 Every provider is timed by replaying a captured CUDA graph (the GPU's time); at the main shape the same calls
 are also timed with CUDA events around each eager call ("...host_included"), which is the host's time whenever
 a call's Python and launches outlast its kernels.
+"copy_floor" is a device copy of the same bytes, graph-timed like the others: the reference at sizes too small
+to reach the 1 GiB copy ceiling.
 On CPU the same code runs at a tiny shape through Triton's interpreter (ours and eager only).
 """
 import pytest
 import torch
 
-from bench.harness import ON_GPU
+from bench.harness import ON_GPU, copy_of
 from bench.shapes import MODELS, QUICK, token_counts
 from kernels.rope import apply_rope
 
@@ -29,7 +31,7 @@ else:
     SHAPES = [(16, "qwen2.5-0.5b")]
 # Every shape graph-timed; the main one (on CPU the tiny one) also host-included.
 CASES = [(*shape, "cuda_graph") for shape in SHAPES] + [(*SHAPES[0], "host_included")]
-PROVIDERS = ["ours", "ours.positions", "eager", "torch.compile", "liger"]
+PROVIDERS = ["ours", "ours.positions", "eager", "torch.compile", "liger", "copy_floor"]
 _COMPILED = []
 
 
@@ -81,6 +83,16 @@ def _fwd_bwd(rope, q, k, dq, dk, tables, fresh_leaves):
 def test_rope(measure, device, tokens, model, timing, provider, op):
     cfg = MODELS[model]
     heads, kv_heads, head_dim = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    shape = {"tokens": tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    qk_bytes = 2 * (heads + kv_heads) * tokens * head_dim * DTYPE.itemsize
+    op_bytes = qk_bytes if op == "fwd" else 2 * qk_bytes
+    graph = timing == "cuda_graph"
+    if provider == "copy_floor":
+        if not graph:
+            pytest.skip("the copy floor is graph-timed only")
+        measure(f"rope.{op}", provider, copy_of(op_bytes, device), shape=shape, dtype=DTYPE, bytes=op_bytes,
+                cuda_graph=True, memory=False)
+        return
     rope = _rope_fn(provider, tokens, model)
     q = torch.randn(1, tokens, heads, head_dim, device=device, dtype=DTYPE).transpose(1, 2).requires_grad_()
     k = torch.randn(1, tokens, kv_heads, head_dim, device=device, dtype=DTYPE).transpose(1, 2).requires_grad_()
@@ -96,17 +108,12 @@ def test_rope(measure, device, tokens, model, timing, provider, op):
     q_rot, k_rot = rope(q, k, cos, sin, positions)
     torch.testing.assert_close(q_rot.float(), expected_q, atol=3e-2, rtol=2e-2)
     assert k_rot.shape == k.shape
-    shape = {"tokens": tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
-    qk_bytes = 2 * (heads + kv_heads) * tokens * head_dim * q.element_size()
     name = "rope_positions" if provider == "ours.positions" else "rope"
     provider = "ours" if provider == "ours.positions" else provider
-    graph = timing == "cuda_graph"
     if op == "fwd":
         run = lambda: rope(q, k, cos, sin, positions)  # noqa: E731
-        op_bytes = qk_bytes
     else:
         dq, dk = torch.randn_like(q_rot), torch.randn_like(k_rot)
         run = _fwd_bwd(rope, q, k, dq, dk, (cos, sin, positions), fresh_leaves=graph)
-        op_bytes = 2 * qk_bytes
     measure(f"{name}.{op}" if graph else f"{name}.{op}.host_included", provider, run, shape=shape, dtype=DTYPE,
             bytes=op_bytes, cuda_graph=graph)

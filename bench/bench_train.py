@@ -1,9 +1,11 @@
 """End-to-end training-step benchmark of the Eagle 2.5 8B shapes (a torchrun script, not a pytest file).
 
     torchrun --nproc-per-node 4 -m bench.bench_train                 # everything below, on 4 x H200
-    torchrun --nproc-per-node 4 -m bench.bench_train --parts ladder  # one part: max_dp, max_cp, ladder, pieces
+    torchrun --nproc-per-node 4 -m bench.bench_train --parts ladder  # one part: max_dp, max_cp, ladder, cp_algorithms, pieces, data
     torchrun --nproc-per-node 2 -m bench.bench_train --size tiny --parts ladder,pieces --ladder 512 \
         --pieces-length 512 --tiles 2   # checks the script on CPU in a minute
+    torchrun --nproc-per-node 2 -m bench.bench_train --size tiny --parts data --data-length 2048 \
+        --data-samples 64 --data-long-videos 2 --data-workers 1 --data-steps 3   # the data part on CPU
 
 Model: SigLIP so400m 448/14 + Qwen2.5-7B (SPEC section 2), random weights, bf16 compute with fp32 master
 weights and fp32 gradient reduction, FSDP2 over all ranks, AdamW; one packed sequence per data-parallel
@@ -16,15 +18,23 @@ Parts:
   the goal is >= 64K tokens per GPU.
 - max_cp: the longest sequence with cp = world size; the goal is >= 256K.
 - ladder: tokens/s per GPU and MFU at 32K, 64K and 128K (cp as small as fits); goal at 128K >= 2,000 tok/s/GPU.
+- cp_algorithms: at one length with cp = world size, each context-parallel algorithm (the hybrids as Ulysses 2
+  x ring / all-gather) in the full training step.
 - pieces: at one length, what each piece buys: kernels off, offload off, selective instead of full
   activation checkpointing.
+- data (not in the default parts): the share of step time spent on data loading (goal < 5 % at 32K per GPU,
+  issue #9) with the trainer's own loader (eagle/train/data.py: offline index, spawn workers, packing, ADS)
+  on the generated dataset's video-heavy mixture (65 % video draws) with long 720p videos added, cp = 1.
 MFU follows eagle/train/metrics.py (model FLOPs, causal attention counted once, vision tower included,
 datasheet dense bf16 peak). Records: op "train_step", provider = the variant, value = tokens/s per GPU.
 """
 import argparse
+import dataclasses
 import gc
 import math
+import os
 import statistics
+import tempfile
 import time
 
 import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA before any kernel is defined)
@@ -34,12 +44,16 @@ import torch.distributed as dist
 from bench.harness import ON_GPU, Record, device_ceilings, save_results
 from eagle.data.collate import collate_pack
 from eagle.data.dataset import ProcessedPack
+from eagle.data.synthetic import generate
+from eagle.train import data as train_data
 from eagle.train.config import StageConfig, load_config
 from eagle.train.context_parallel import StageAttention
 from eagle.train.faults import NonFiniteGuard
 from eagle.train.metrics import device_peak_tflops
 from eagle.train.parallel_dims import build_fsdp_mesh, build_stage_mesh, init_distributed
-from eagle.train.trainer import build_model, build_optimizer, flops_model, prepare_model, train_step
+from eagle.train.trainer import (build_model, build_optimizer, check_tokenizer_fits, flops_model, prepare_model,
+                                 train_step)
+from parallel import ALGORITHMS
 
 K = 1024
 
@@ -63,22 +77,30 @@ def synthetic_pack(length: int, tiles: int, model_config, seed: int) -> dict:
 
 
 class Bench:
-    """Builds the sharded 8B model for one variant and times steps at given lengths."""
+    """Builds the sharded 8B model for one variant and times steps at given lengths.
 
-    def __init__(self, args, *, kernels=True, offload=True, ac="full"):
+    With `data_info` (real packs) the model takes the tokenizer's `<IMG_CONTEXT>` id: at 8B the built-in tiny
+    tokenizer's, since no Qwen tokenizer is at hand; token ids do not change the cost of a step."""
+
+    def __init__(self, args, *, kernels=True, offload=True, ac="full", data_info=None):
         overrides = [f"--kernels.enabled={str(kernels).lower()}",
                      f"--memory.offload_activations={str(offload).lower()}", f"--memory.activation_checkpointing={ac}"]
         self.config = load_config("eagle25-8b", overrides + [f"--model.size={args.size}"])
         self.rank, self.world, self.device = init_distributed()
         self.fsdp_mesh = build_fsdp_mesh(self.world)
         with torch.device(self.device):   # built on the GPU: initialising 8B parameters on CPU takes minutes
-            model = build_model(self.config, vocab_size=1024, image_token_index=1023)  # tiny only
+            if data_info is None:
+                model = build_model(self.config, vocab_size=1024, image_token_index=1023)  # tiny only
+            else:
+                model = build_model(self.config, data_info.vocab_size, data_info.image_token_index)
+                model.config.image_token_index = data_info.image_token_index
+                check_tokenizer_fits(model.config, data_info)
         self.model_config = model.config
         self.flops = flops_model(model)
         self.module, self.offload = prepare_model(self.config, model, self.device, self.fsdp_mesh)
         self.optimizer = build_optimizer(self.config, self.module)
         self.args = args
-        self.meshes = {}   # one set of process groups per cp degree, not one per measurement
+        self.meshes = {}   # one set of process groups per (cp, ulysses) degree, not one per measurement
 
     def close(self):
         del self.module, self.optimizer
@@ -90,11 +112,12 @@ class Bench:
         """Median step time etc. at `length` tokens per sequence with context parallelism `cp`; OOM -> None."""
         warmup = self.args.warmup if warmup is None else warmup
         iters = self.args.iters if iters is None else iters
-        stage = StageConfig(name=f"{length // K}K", max_length=length, cp=cp, steps=1,
+        ulysses = 2 if self.args.cp_algorithm.startswith("hybrid") else 1
+        stage = StageConfig(name=f"{length // K}K", max_length=length, cp=cp, steps=1, ulysses=ulysses,
                             cp_algorithm=self.args.cp_algorithm)
-        if cp not in self.meshes:
-            self.meshes[cp] = build_stage_mesh(self.fsdp_mesh, cp)
-        mesh = self.meshes[cp]
+        if (cp, ulysses) not in self.meshes:
+            self.meshes[cp, ulysses] = build_stage_mesh(self.fsdp_mesh, cp, ulysses)
+        mesh = self.meshes[cp, ulysses]
         self.module.set_cp_group(mesh.cp_group if cp > 1 else None, mesh.cp_rank, cp)
         attention = StageAttention(mesh, stage, self.model_config.text_config, self.model_config.image_token_index)
         batch = synthetic_pack(length, self.args.tiles, self.model_config, seed=mesh.dp_rank)
@@ -175,6 +198,79 @@ def search_max(bench, cp, start, limit, records, ceilings, provider):
     return good, bench
 
 
+def data_share(args, world, records) -> dict:
+    """Time each step as Trainer.run_stage does: t_data = next packed batch + its shard to the device.
+
+    Ranks step together, so a rank waiting for data stalls all: a step's share is the slowest rank's t_data
+    over the slowest rank's step time. The measured window can be shorter than what the workers prefetch,
+    so `loader_load` adds the steady-state view: worker seconds per pack / (workers x step time), < 1 keeps up.
+    """
+    rank = dist.get_rank()
+    folder = args.data_dir or os.path.join(tempfile.gettempdir(),
+                                           f"longvl_bench_data_{args.data_samples}_{args.data_long_videos}")
+    if rank == 0 and not os.path.isfile(os.path.join(folder, "mixture_video_heavy.yaml")):
+        start = time.perf_counter()
+        generate(folder, num=args.data_samples, seed=0, long_videos=args.data_long_videos)
+        print(f"generated {folder} in {time.perf_counter() - start:.1f} s", flush=True)
+    overrides = [f"--model.size={args.size}", "--data.source=mixture", f"--data.dir={folder}",
+                 f"--data.index_workers={min(16, os.cpu_count())}"]
+    if args.data_workers is not None:
+        overrides.append(f"--data.num_workers={args.data_workers}")
+    config = load_config("eagle25-8b", overrides)
+    info = dataclasses.replace(train_data.prepare(config, rank),
+                               mixture=os.path.join(folder, "mixture_video_heavy.yaml"))
+    bench = Bench(args, kernels=ON_GPU, data_info=info)   # CPU: Triton's interpreter would take minutes a step
+    stage = dataclasses.replace(config.stages[0], name=f"data-{args.data_length // K}K", max_length=args.data_length,
+                                cp=1, ulysses=1)
+    mesh = build_stage_mesh(bench.fsdp_mesh, 1)
+    bench.module.set_cp_group(None, mesh.cp_rank, 1)
+    attention = StageAttention(mesh, stage, bench.model_config.text_config, bench.model_config.image_token_index)
+    start = time.perf_counter()
+    batches = iter(train_data.StageLoader(config, info, bench.model_config, stage, mesh.dp_rank, mesh.dp))
+    index_s = time.perf_counter() - start
+    guard = NonFiniteGuard(10**9)
+    slowest, totals = [], []
+    for step in range(args.warmup + args.data_steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        shard = attention.shard(batch, bench.device)
+        t_data = time.perf_counter() - t0
+        train_step(bench.module, bench.optimizer, shard, attention, 1, 1.0, guard, step=step, stage_name=stage.name,
+                   offload=bench.offload)   # ends with a host sync (grad norm)
+        stats = batch["stats"]
+        slowest.append([t_data, time.perf_counter() - t0, stats["worker_seconds"]])
+        totals.append([stats["tokens"], stats["frames"], stats["tiles"], stats["degraded"], len(stats["bad_samples"])])
+    slowest = torch.tensor(slowest, dtype=torch.float64, device=bench.device)
+    totals = torch.tensor(totals, dtype=torch.float64, device=bench.device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    dist.all_reduce(totals)
+    bench.close()
+    t_data, step_s, worker_s = slowest[args.warmup:].T.tolist()
+    tokens, frames, tiles, degraded, _ = totals[args.warmup:].T.tolist()
+    shares = [d / s for d, s in zip(t_data, step_s)]
+    workers = config.data.num_workers
+    result = {"data_share_median": statistics.median(shares), "data_share_mean": statistics.mean(shares),
+              "data_share_max": max(shares), "data_ms_median": statistics.median(t_data) * 1e3,
+              "step_ms_median": statistics.median(step_s) * 1e3,
+              "tokens_per_s_per_gpu": statistics.median(n / world / s for n, s in zip(tokens, step_s)),
+              "worker_s_per_pack_median": statistics.median(worker_s),
+              "loader_load": statistics.median(worker_s) / (max(workers, 1) * statistics.median(step_s)),
+              "frames_per_pack": sum(frames) / len(frames) / world, "tiles_per_pack": sum(tiles) / len(tiles) / world,
+              "degraded_docs": sum(degraded), "skipped_samples": int(totals[:, 4].sum()),
+              "first_batch_s": slowest[0, 0].item(), "index_and_loader_s": index_s,
+              "steps": args.data_steps, "warmup": args.warmup, "workers_per_rank": workers,
+              "mixture": "synthetic mixture_video_heavy.yaml (65 % video draws), "
+                         f"{args.data_samples} records, {args.data_long_videos} long 720p videos"}
+    if rank == 0:
+        print(f"data {stage.name}: {result}", flush=True)
+    records.append(Record(op="train_data_share", provider="ours",
+                          shape={"tokens": args.data_length, "cp": 1, "world": world, "workers": workers},
+                          dtype="bfloat16", median_ms=result["step_ms_median"], metric="data share",
+                          value=result["data_share_median"], device="gpu" if ON_GPU else "cpu",
+                          note=repr(result)))
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="max_dp,max_cp,ladder,pieces")
@@ -184,22 +280,30 @@ def main():
     parser.add_argument("--cp-algorithm", default="auto")
     parser.add_argument("--pieces-length", type=int, default=32 * K)
     parser.add_argument("--max-dp-limit", type=int, default=256 * K, help="longest length the cp=1 search tries")
+    parser.add_argument("--max-cp-start", type=int, default=128 * K, help="first length the cp=world search tries")
     parser.add_argument("--max-cp-limit", type=int, default=512 * K, help="longest length the cp=world search tries")
+    parser.add_argument("--cp-length", type=int, default=128 * K, help="length of the cp_algorithms part (cp=world)")
     parser.add_argument("--name", default="train")
     parser.add_argument("--size", default="eagle25-8b", help="model size; `tiny` checks the script on CPU")
     parser.add_argument("--ladder", default="32768,65536,131072", help="lengths of the ladder part")
+    parser.add_argument("--data-length", type=int, default=32 * K, help="max length of the data part's stage")
+    parser.add_argument("--data-steps", type=int, default=8, help="measured steps of the data part")
+    parser.add_argument("--data-workers", type=int, default=None, help="loader workers per rank (preset: 4)")
+    parser.add_argument("--data-samples", type=int, default=256, help="records of the generated dataset")
+    parser.add_argument("--data-long-videos", type=int, default=16, help="long 720p videos in the dataset")
+    parser.add_argument("--data-dir", default=None, help="dataset folder (generated if it lacks the mixture)")
     args = parser.parse_args()
     parts = args.parts.split(",")
     rank, world, _ = init_distributed()
     ceilings = device_ceilings() if rank == 0 else {}
     records, summary = [], {}
-    bench = Bench(args)
+    bench = Bench(args) if {"max_dp", "max_cp", "ladder", "cp_algorithms", "pieces"} & set(parts) else None
     if "max_dp" in parts:
         summary["max_tokens_per_gpu_cp1"], bench = search_max(bench, 1, 32 * K, args.max_dp_limit, records, ceilings,
                                                                "ours")
     if "max_cp" in parts:
-        summary[f"max_tokens_cp{world}"], bench = search_max(bench, world, 128 * K, args.max_cp_limit, records,
-                                                             ceilings, "ours")
+        summary[f"max_tokens_cp{world}"], bench = search_max(bench, world, args.max_cp_start, args.max_cp_limit,
+                                                             records, ceilings, "ours")
     if "ladder" in parts:
         for length in (int(n) for n in args.ladder.split(",")):
             cp = 1
@@ -215,9 +319,16 @@ def main():
                     summary[f"cp_at_{length}"] = cp
                     break
                 cp *= 2
+    if "cp_algorithms" in parts:
+        for algorithm in ALGORITHMS:   # the hybrids split cp into Ulysses 2 x ring or all-gather
+            bench.args.cp_algorithm = algorithm
+            record(records, ceilings, f"cp-{algorithm}", args.cp_length, world, world,
+                   bench.run(args.cp_length, world), "cp algorithms")
+        bench.args.cp_algorithm = args.cp_algorithm = "auto"
     if "pieces" in parts:
         record(records, ceilings, "ours", args.pieces_length, 1, world, bench.run(args.pieces_length, 1), "pieces")
-    bench.close()
+    if bench is not None:
+        bench.close()
     if "pieces" in parts:
         variants = [("kernels-off", dict(kernels=False)), ("offload-off", dict(offload=False)),
                     ("selective-ac", dict(ac="selective"))]
@@ -226,6 +337,10 @@ def main():
             record(records, ceilings, provider, args.pieces_length, 1, world, variant.run(args.pieces_length, 1),
                    "pieces")
             variant.close()
+    if "data" in parts:
+        result = data_share(args, world, records)
+        summary.update(data_share_median=result["data_share_median"], data_step_ms=result["step_ms_median"],
+                       data_tokens_per_s_per_gpu=result["tokens_per_s_per_gpu"], data_loader_load=result["loader_load"])
     if rank == 0:
         records.append(Record(op="train_summary", provider="ours", shape={"world": world}, dtype="bfloat16",
                               median_ms=math.nan, device="gpu" if ON_GPU else "cpu", note=repr(summary)))

@@ -69,6 +69,15 @@ def peak_extra_mib(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def copy_of(nbytes: int, device) -> callable:
+    """A streaming kernel on the SMs that moves `nbytes` (half read, half written): the floor for a
+    bandwidth-bound op of that size, as small ops never reach the 1 GiB copy ceiling. It is a bitwise NOT of
+    int32 words rather than copy_(), which a CUDA graph turns into a DMA memcpy node with another speed."""
+    src = torch.randint(-2**31, 2**31 - 1, (nbytes // 8,), dtype=torch.int32, device=device)
+    dst = torch.empty_like(src)
+    return lambda: torch.bitwise_not(src, out=dst)
+
+
 def device_ceilings() -> dict:
     """Copy bandwidth (bytes read + written) and bf16 GEMM rate measured now: what figures are judged by."""
     if not ON_GPU:

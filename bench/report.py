@@ -80,6 +80,10 @@ def table(rows):
         ours_txt = _fmt_rec(best_name, best)
         if "single_gpu_cudnn" in provs:  # context parallelism: per-GPU throughput against one GPU alone
             ours_txt += f" = {_speed(best) / _speed(provs['single_gpu_cudnn']):.2f} of 1-GPU cuDNN"
+        if best.get("metric") == "TB/s" and best.get("fraction_of_ceiling"):
+            ours_txt += f" = {best['fraction_of_ceiling']:.2f} of copy ceiling"
+            if "copy_floor" in provs:
+                ours_txt += f", {_speed(best) / _speed(provs['copy_floor']):.2f} of a same-size copy"
         if peers:
             peer_name, peer = max(peers.items(), key=lambda kv: _speed(kv[1]))
             peer_txt, speedup = _fmt_rec(peer_name, peer), f"{_speed(best) / _speed(peer):.2f}x"

@@ -24,32 +24,92 @@ MAX_HIDDEN = 65536  # one row must fit in a program's registers
 
 
 @triton.jit
+def _tile_offsets(rows, cols, stride):
+    return rows[:, None] * stride + cols[None, :]
+
+
+@triton.jit
+def _tile_mask(rows, cols, n_rows, n_cols):
+    return (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+
+
+@triton.jit
+def _forward_load(x_ptr, residual_ptr, sum_ptr, rows, cols, n_rows, n_cols, x_stride, residual_stride, sum_stride,
+                  HAS_RESIDUAL: tl.constexpr):
+    """One column piece of the rows' input in fp32: x, or x + residual (rounded and stored as the sum output)."""
+    mask = _tile_mask(rows, cols, n_rows, n_cols)
+    x = tl.load(x_ptr + _tile_offsets(rows, cols, x_stride), mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + _tile_offsets(rows, cols, residual_stride), mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + _tile_offsets(rows, cols, sum_stride), x, mask=mask)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _forward_store(x, rstd, w_ptr, y_ptr, rows, cols, n_rows, n_cols, y_stride, offset, GEMMA: tl.constexpr):
+    """y for one piece; llama rounds the normalised value to the output's (= x's) dtype before scaling."""
+    scale = offset + tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    normed = x * rstd[:, None]
+    if not GEMMA:
+        normed = normed.to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + _tile_offsets(rows, cols, y_stride), (normed * scale[None, :]).to(y_ptr.dtype.element_ty),
+             mask=_tile_mask(rows, cols, n_rows, n_cols))
+
+
+@triton.jit
 def _rms_norm_forward_kernel(
     x_ptr, residual_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr,
     n_rows, n_cols, x_stride, residual_stride, sum_stride, y_stride,
     eps, offset,
     GEMMA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RSTD: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):
+    """ROWS rows per program; each row is held in two power-of-two pieces, [0, BLOCK) and [BLOCK, BLOCK + TAIL)
+    (TAIL = 0: one piece), so that a hidden size like 4608 = 4096 + 512 wastes no lanes on padding."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + rows[:, None] * residual_stride + cols[None, :], mask=mask, other=0.0)
-        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
-        tl.store(sum_ptr + rows[:, None] * sum_stride + cols[None, :], x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+    x = _forward_load(x_ptr, residual_ptr, sum_ptr, rows, cols, n_rows, n_cols, x_stride, residual_stride,
+                      sum_stride, HAS_RESIDUAL)
+    sum_sq = tl.sum(x * x, axis=1)
+    if TAIL > 0:
+        tail_cols = BLOCK + tl.arange(0, TAIL)
+        tail = _forward_load(x_ptr, residual_ptr, sum_ptr, rows, tail_cols, n_rows, n_cols, x_stride,
+                             residual_stride, sum_stride, HAS_RESIDUAL)
+        sum_sq += tl.sum(tail * tail, axis=1)
+    rstd = tl.rsqrt(sum_sq / n_cols + eps)
     if STORE_RSTD:
-        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-    scale = offset + tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    normed = xf * rstd[:, None]
-    if not GEMMA:
-        normed = normed.to(x.dtype).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * y_stride + cols[None, :], (normed * scale[None, :]).to(y_ptr.dtype.element_ty),
-             mask=mask)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+    _forward_store(x, rstd, w_ptr, y_ptr, rows, cols, n_rows, n_cols, y_stride, offset, GEMMA)
+    if TAIL > 0:
+        _forward_store(tail, rstd, w_ptr, y_ptr, rows, tail_cols, n_rows, n_cols, y_stride, offset, GEMMA)
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, n_rows, n_cols, stride):
+    return tl.load(ptr + _tile_offsets(rows, cols, stride), mask=_tile_mask(rows, cols, n_rows, n_cols), other=0.0)
+
+
+@triton.jit
+def _backward_terms(x, dy, rstd, scale, GEMMA: tl.constexpr):
+    """(normalised input, d normalised, this tile's dW terms) in fp32 for one column piece."""
+    dyf = dy.to(tl.float32)
+    normed = x.to(tl.float32) * rstd[:, None]
+    if GEMMA:
+        dw = dyf * normed
+    else:
+        dw = dyf * normed.to(x.dtype).to(tl.float32)
+    return normed, dyf * scale[None, :], dw
+
+
+@triton.jit
+def _store_dx(dx_ptr, dsum_ptr, rows, cols, n_rows, n_cols, dx_stride, dsum_stride, normed, dnormed, rstd,
+              projection, HAS_DSUM: tl.constexpr):
+    mask = _tile_mask(rows, cols, n_rows, n_cols)
+    dx = rstd[:, None] * (dnormed - normed * projection[:, None])
+    if HAS_DSUM:
+        dx += tl.load(dsum_ptr + _tile_offsets(rows, cols, dsum_stride), mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + _tile_offsets(rows, cols, dx_stride), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -57,9 +117,10 @@ def _rms_norm_backward_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dw_partial_ptr,
     n_rows, n_cols, dy_stride, x_stride, dsum_stride, dx_stride,
     offset,
-    GEMMA: tl.constexpr, HAS_DSUM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    GEMMA: tl.constexpr, HAS_DSUM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):
-    """Persistent: program p handles row blocks p, p + P, ... and writes its fp32 dW partial to row p.
+    """Persistent: program p handles row blocks p, p + P, ... and writes its fp32 dW partial to row p. Rows are
+    held in the forward's two pieces.
 
     Each step issues the loads of the program's next row block before working on the current one: with only a
     couple of programs resident per SM, memory would otherwise idle through every reduction and store.
@@ -67,37 +128,45 @@ def _rms_norm_backward_kernel(
     pid = tl.program_id(0)
     step = tl.num_programs(0) * ROWS
     cols = tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
-    scale = offset + tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale = offset + tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    own_rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    own_mask = (own_rows < n_rows)[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + own_rows[:, None] * x_stride + cols[None, :], mask=own_mask, other=0.0)
-    dy = tl.load(dy_ptr + own_rows[:, None] * dy_stride + cols[None, :], mask=own_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + own_rows, mask=own_rows < n_rows, other=0.0)
+    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    x = _load_tile(x_ptr, rows, cols, n_rows, n_cols, x_stride)
+    dy = _load_tile(dy_ptr, rows, cols, n_rows, n_cols, dy_stride)
+    if TAIL > 0:
+        tail_cols = BLOCK + tl.arange(0, TAIL)
+        tail_scale = offset + tl.load(w_ptr + tail_cols, mask=tail_cols < n_cols, other=0.0).to(tl.float32)
+        tail_dw = tl.zeros((ROWS, TAIL), dtype=tl.float32)
+        tail_x = _load_tile(x_ptr, rows, tail_cols, n_rows, n_cols, x_stride)
+        tail_dy = _load_tile(dy_ptr, rows, tail_cols, n_rows, n_cols, dy_stride)
+    rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
     for first in range(pid * ROWS, n_rows, step):
         rows = first + tl.arange(0, ROWS).to(tl.int64)
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
         next_rows = rows + step
-        next_ok = next_rows < n_rows
-        next_mask = next_ok[:, None] & col_ok[None, :]
-        next_x = tl.load(x_ptr + next_rows[:, None] * x_stride + cols[None, :], mask=next_mask, other=0.0)
-        next_dy = tl.load(dy_ptr + next_rows[:, None] * dy_stride + cols[None, :], mask=next_mask, other=0.0)
-        next_rstd = tl.load(rstd_ptr + next_rows, mask=next_ok, other=0.0)
-        dyf = dy.to(tl.float32)
-        normed = x.to(tl.float32) * rstd[:, None]
-        if GEMMA:
-            dw += dyf * normed
-        else:
-            dw += dyf * normed.to(x.dtype).to(tl.float32)
-        dnormed = dyf * scale[None, :]
-        projection = tl.sum(dnormed * normed, axis=1) / n_cols
-        dx = rstd[:, None] * (dnormed - normed * projection[:, None])
-        if HAS_DSUM:
-            dx += tl.load(dsum_ptr + rows[:, None] * dsum_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        next_x = _load_tile(x_ptr, next_rows, cols, n_rows, n_cols, x_stride)
+        next_dy = _load_tile(dy_ptr, next_rows, cols, n_rows, n_cols, dy_stride)
+        if TAIL > 0:
+            next_tail_x = _load_tile(x_ptr, next_rows, tail_cols, n_rows, n_cols, x_stride)
+            next_tail_dy = _load_tile(dy_ptr, next_rows, tail_cols, n_rows, n_cols, dy_stride)
+        next_rstd = tl.load(rstd_ptr + next_rows, mask=next_rows < n_rows, other=0.0)
+        normed, dnormed, dw_terms = _backward_terms(x, dy, rstd, scale, GEMMA)
+        dw += dw_terms
+        dot = tl.sum(dnormed * normed, axis=1)
+        if TAIL > 0:
+            tail_normed, tail_dnormed, tail_terms = _backward_terms(tail_x, tail_dy, rstd, tail_scale, GEMMA)
+            tail_dw += tail_terms
+            dot += tl.sum(tail_dnormed * tail_normed, axis=1)
+        projection = dot / n_cols
+        _store_dx(dx_ptr, dsum_ptr, rows, cols, n_rows, n_cols, dx_stride, dsum_stride, normed, dnormed, rstd,
+                  projection, HAS_DSUM)
+        if TAIL > 0:
+            _store_dx(dx_ptr, dsum_ptr, rows, tail_cols, n_rows, n_cols, dx_stride, dsum_stride, tail_normed,
+                      tail_dnormed, rstd, projection, HAS_DSUM)
+            tail_x, tail_dy = next_tail_x, next_tail_dy
         x, dy, rstd = next_x, next_dy, next_rstd
-    tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_ok)
+    tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=cols < n_cols)
+    if TAIL > 0:
+        tl.store(dw_partial_ptr + pid * n_cols + tail_cols, tl.sum(tail_dw, axis=0), mask=tail_cols < n_cols)
 
 
 @triton.jit
@@ -119,33 +188,49 @@ def _rows(tensor, n_cols):
     return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
-# Launch settings {row block: (rows per program, warps)}, picked from a sweep on an H200 (bf16, 16K tokens) for
-# blocks 2048-8192; larger blocks are extrapolated. Rows that fill fewer than 4K lanes are grouped per program.
-_FORWARD_CONFIGS = {4096: (1, 8), 8192: (1, 4), 16384: (1, 8), 32768: (1, 16), 65536: (1, 16)}
-# Backward {row block: (rows per step, warps, programs per SM)}, sized by register use (ptxas, sm_90): a program
-# holds its current rows in fp32 plus the prefetched next ones, and rows x block = 8192 at 16 warps (or 4096 at 8)
-# fills about half an SM's register file, so that is the most that fits; two programs per SM only where both fit.
-# Blocks above 8192 spill registers at any setting (as they did without prefetching).
-_BACKWARD_CONFIGS = {2048: (2, 8, 2), 4096: (2, 16, 1), 8192: (1, 16, 1), 16384: (1, 32, 1), 32768: (1, 32, 1),
-                     65536: (1, 32, 1)}
+@functools.lru_cache(maxsize=None)
+def _pieces(n_cols):
+    """(BLOCK, TAIL): a row as one power-of-two block, or as the largest power of two below it plus a
+    power-of-two tail when that pads less (4608 = 4096 + 512 instead of 8192, 1152 = 1024 + 128)."""
+    whole = next_power_of_2(n_cols)
+    block = 1 << (n_cols.bit_length() - 1)
+    rest = n_cols - block
+    tail = next_power_of_2(rest) if rest else 0
+    return (block, tail) if rest and block + tail < whole else (whole, 0)
+
+
+# Launch settings per row shape (BLOCK, TAIL), picked from sweeps on an H200 (bf16, 4K-64K tokens) for hidden
+# 1152, 3584, 4608 and the pieces they make; other shapes take the setting of the power-of-two width that holds
+# them (widths under 4096 group rows per program).
+# Forward {(block, tail): (rows per program, warps)}.
+_FORWARD_CONFIGS = {(4096, 0): (1, 8), (8192, 0): (1, 4), (16384, 0): (1, 8), (32768, 0): (1, 16),
+                    (65536, 0): (1, 16), (1024, 128): (2, 1), (4096, 512): (1, 4)}
+# Backward {(block, tail): (rows per step, warps, programs per SM)}, bounded by register use (ptxas, sm_90): a
+# program holds its current rows in fp32 plus the prefetched next ones, and rows x width = 8192 at 16 warps (or
+# 4096 at 8) fills about half an SM's register file. Widths above 8192 spill registers at any setting.
+_BACKWARD_CONFIGS = {(2048, 0): (2, 8, 2), (4096, 0): (1, 16, 2), (8192, 0): (1, 16, 1), (16384, 0): (1, 32, 1),
+                     (32768, 0): (1, 32, 1), (65536, 0): (1, 32, 1), (1024, 128): (4, 4, 2), (4096, 512): (1, 4, 2)}
 
 
 @functools.lru_cache(maxsize=None)
 def _forward_config(n_cols):
-    """(block, rows per program, warps)."""
-    block = next_power_of_2(n_cols)
-    rows, warps = _FORWARD_CONFIGS.get(block, (4096 // block, 4))
-    return block, rows, warps
+    """(block, tail, rows per program, warps)."""
+    block, tail = _pieces(n_cols)
+    padded = (next_power_of_2(block + tail), 0)
+    rows, warps = _FORWARD_CONFIGS.get((block, tail)) or _FORWARD_CONFIGS.get(padded) or (4096 // padded[0], 4)
+    return block, tail, rows, warps
 
 
 @functools.lru_cache(maxsize=None)
 def _backward_config(n_cols, device_index):
-    """(block, rows per step, warps, most programs) of the persistent backward; few programs in the interpreter,
-    where each one is slow to simulate."""
-    block = next_power_of_2(n_cols)
-    rows, warps, programs_per_sm = _BACKWARD_CONFIGS.get(block, (4096 // block, 8, 2))
+    """(block, tail, rows per step, warps, most programs) of the persistent backward; few programs in the
+    interpreter, where each one is slow to simulate."""
+    block, tail = _pieces(n_cols)
+    padded = (next_power_of_2(block + tail), 0)
+    rows, warps, programs_per_sm = (_BACKWARD_CONFIGS.get((block, tail)) or _BACKWARD_CONFIGS.get(padded)
+                                    or (4096 // padded[0], 8, 2))
     most_programs = 4 if kernels.INTERPRETED else programs_per_sm * multiprocessor_count(device_index)
-    return block, rows, warps, most_programs
+    return block, tail, rows, warps, most_programs
 
 
 def _forward(x, weight, residual, eps, offset, gemma, store_rstd, sum_into_residual=False):
@@ -159,13 +244,13 @@ def _forward(x, weight, residual, eps, offset, gemma, store_rstd, sum_into_resid
     else:
         res2 = _rows(residual, n_cols)
         sum2 = res2 if sum_into_residual else torch.empty_like(x2)
-    block, rows, warps = _forward_config(n_cols)
+    block, tail, rows, warps = _forward_config(n_cols)
     _rms_norm_forward_kernel[(cdiv(n_rows, rows),)](
         x2, res2, sum2, weight, y, rstd,
         n_rows, n_cols, x2.stride(0), res2.stride(0), sum2.stride(0), y.stride(0),
         eps, offset,
         GEMMA=gemma, HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd,
-        ROWS=rows, BLOCK=block, num_warps=warps,
+        ROWS=rows, BLOCK=block, TAIL=tail, num_warps=warps,
     )
     if sum_into_residual:
         if sum2.data_ptr() != residual.data_ptr():  # _rows had to copy a strided residual
@@ -181,14 +266,14 @@ def _backward(dy, normed_input, weight, rstd, dsum, offset, gemma):
     dsum2 = dy2 if dsum is None else _rows(dsum, n_cols)
     n_rows = x2.shape[0]
     dx = torch.empty_like(x2)
-    block, rows, warps, most_programs = _backward_config(n_cols, x2.device.index)
+    block, tail, rows, warps, most_programs = _backward_config(n_cols, x2.device.index)
     programs = max(1, min(most_programs, cdiv(n_rows, rows)))
     dw_partial = torch.empty(programs, n_cols, device=x2.device, dtype=torch.float32)
     _rms_norm_backward_kernel[(programs,)](
         dy2, x2, weight, rstd, dsum2, dx, dw_partial,
         n_rows, n_cols, dy2.stride(0), x2.stride(0), dsum2.stride(0), dx.stride(0),
         offset,
-        GEMMA=gemma, HAS_DSUM=dsum is not None, ROWS=rows, BLOCK=block, num_warps=warps,
+        GEMMA=gemma, HAS_DSUM=dsum is not None, ROWS=rows, BLOCK=block, TAIL=tail, num_warps=warps,
     )
     dw = torch.empty_like(weight)
     _sum_partials_kernel[(cdiv(n_cols, 32),)](dw_partial, dw, programs, n_cols,

@@ -1,5 +1,9 @@
-"""The benchmark tooling: results files, the regression guard and the generated report."""
+"""The benchmark tooling: results files, the regression guard, the generated report, the train bench's data part."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +51,19 @@ def test_report_table_compares_ours_with_best_peer():
 def test_median_ms_times_a_function():
     calls = []
     assert harness.median_ms(lambda: calls.append(1)) >= 0 and len(calls) >= 2
+
+
+def test_train_bench_data_part_runs_the_trainer_loader_on_cpu(tmp_path):
+    """`--parts data` end to end at tiny size: generated data, offline index, a spawned worker, real steps."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               "-m", "bench.bench_train", "--size", "tiny", "--parts", "data", "--data-length", "1024",
+               "--data-samples", "24", "--data-long-videos", "0", "--data-workers", "1", "--warmup", "1",
+               "--data-steps", "2", "--data-dir", str(tmp_path / "data")]
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, BENCH_OUT=str(tmp_path), PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (path,) = tmp_path.glob("train_*.json")
+    (record,) = [r for r in json.loads(path.read_text())["records"] if r["op"] == "train_data_share"]
+    assert 0 <= record["value"] <= 1 and record["median_ms"] > 0 and record["shape"]["workers"] == 1
+    assert "'steps': 2" in record["note"] and "video_heavy" in record["note"]

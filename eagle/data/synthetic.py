@@ -4,14 +4,16 @@ Images of many sizes and aspect ratios (PIL), short mp4 videos at several frame 
 and multi-image, video and text-only conversations in both the LLaVA "conversations" and the "messages"
 forms, JSONL and JSON-list files, two mixture files -- and a few deliberately broken records (missing
 file, corrupt image and video bytes, a malformed JSON line, a path escaping the data root, a text longer
-than any stage) so that every bad-sample path is exercised.
+than any stage) so that every bad-sample path is exercised. `long_videos` adds 720p videos of 90 s for
+benchmarks: at 2 fps they pass the 128-frame cap, and at 256 tokens per frame a 32K stage must degrade them.
 
-    python -m eagle.data.synthetic --out DIR [--num N] [--seed S]
+    python -m eagle.data.synthetic --out DIR [--num N] [--seed S] [--long-videos N]
 """
 import argparse
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -30,6 +32,7 @@ _IMAGE_SIZES = ((64, 64), (224, 224), (448, 448), (640, 480), (480, 640), (1024,
                 (720, 1280), (1600, 400), (300, 1500), (1000, 1000), (1920, 1080), (96, 512), (2048, 256))
 _VIDEO_SHAPES = ((160, 120, 8, 2.0), (320, 180, 24, 4.0), (96, 160, 15, 3.0), (256, 144, 30, 6.0),
                  (128, 128, 10, 12.0))  # width, height, fps, seconds
+_LONG_VIDEO_SHAPE = (1280, 720, 30, 90.0)
 _LONG_TEXT_WORDS = 140_000  # longer than the 128K stage even at one token per word
 
 
@@ -125,8 +128,11 @@ def _write_mixtures(out):
             yaml.safe_dump(mixture, handle, sort_keys=False)
 
 
-def generate(out, num=200, seed=0):
-    """Write the dataset under `out`; returns {"records": good records, "broken": broken records}."""
+def generate(out, num=200, seed=0, long_videos=0):
+    """Write the dataset under `out`; returns {"records": good records, "broken": broken records}.
+
+    Video records pick uniformly among the short videos and the `long_videos` long ones; the long ones are
+    written in threads (OpenCV encodes without the GIL), each seeded on its own."""
     if num < 8:
         raise ValueError(f"num must be >= 8 to cover every kind of record, got {num}")
     rng = np.random.default_rng(seed)
@@ -143,6 +149,11 @@ def generate(out, num=200, seed=0):
         name = f"videos/vid_{i:04d}.mp4"
         _write_video(os.path.join(out, name), _VIDEO_SHAPES[i % len(_VIDEO_SHAPES)], rng)
         videos.append(name)
+    long_names = [f"videos/long_{i:04d}.mp4" for i in range(long_videos)]
+    with ThreadPoolExecutor(max(1, min(long_videos, os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda i: _write_video(os.path.join(out, long_names[i]), _LONG_VIDEO_SHAPE,
+                                             np.random.default_rng([seed, i])), range(long_videos)))
+    videos += long_names
     with open(os.path.join(out, "images/corrupt.jpg"), "wb") as handle:
         handle.write(b"\xff\xd8\xff\xe0" + rng.bytes(2048))  # a JPEG header, then noise
     with open(os.path.join(out, "videos/corrupt.mp4"), "wb") as handle:
@@ -182,8 +193,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--num", type=int, default=200, help="number of good records")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long-videos", type=int, default=0, help="extra 720p videos of 90 s (past the frame cap)")
     args = parser.parse_args(argv)
-    summary = generate(args.out, args.num, args.seed)
+    summary = generate(args.out, args.num, args.seed, args.long_videos)
     print(f"wrote {summary['records']} records and {summary['broken']} broken ones to {args.out} "
           f"(mixture.yaml, mixture_video_heavy.yaml)")
 
