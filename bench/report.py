@@ -36,9 +36,15 @@ def _shape_str(shape):
 CP_ALGORITHMS = ("ring", "allgather", "ulysses", "hybrid_ring", "hybrid_allgather")
 
 
+# bench_train's settings of our trainer: context-parallel algorithm choices and the pieces switched off or swapped.
+TRAIN_VARIANTS = ("kernels-off", "offload-off", "selective-ac")
+
+
 def is_ours(provider: str) -> bool:
-    """Our kernels are `ours` or `ours.<variant>`; our context-parallel algorithms go by their names."""
-    return provider.startswith("ours") or provider.split("[")[0] in CP_ALGORITHMS
+    """Our kernels are `ours` or `ours.<variant>`; our context-parallel algorithms go by their names, and the
+    trainer's variants by `cp-<algorithm>` or TRAIN_VARIANTS."""
+    return (provider.startswith(("ours", "cp-")) or provider in TRAIN_VARIANTS
+            or provider.split("[")[0] in CP_ALGORITHMS)
 
 
 def comparisons(runs):
