@@ -16,7 +16,7 @@ On CPU the same code runs at a tiny shape through Triton's interpreter (ours and
 import pytest
 import torch
 
-from bench.harness import ON_GPU, copy_of
+from bench.harness import ON_GPU, measure_copy_floor
 from bench.shapes import QUICK, token_counts
 from kernels.rms_norm import RMSNorm
 
@@ -81,11 +81,8 @@ def test_rms_norm(measure, device, tokens, hidden, timing, provider, op):
     op_bytes = (2 * tokens * hidden + hidden) * element if op == "fwd" else (5 * tokens * hidden + 3 * hidden) * element
     shape = {"tokens": tokens, "hidden": hidden}
     if provider == "copy_floor":
-        if not graph:
-            pytest.skip("the copy floor is graph-timed only")
-        measure(f"rms_norm.{op}", provider, copy_of(op_bytes, device), shape=shape, dtype=DTYPE, bytes=op_bytes,
-                cuda_graph=True, memory=False)
-        return
+        return measure_copy_floor(measure, f"rms_norm.{op}", op_bytes, shape=shape, dtype=DTYPE, device=device,
+                                  timing=timing)
     module = _module(provider, tokens, hidden).to(device=device, dtype=DTYPE)
     x = torch.randn(tokens, hidden, device=device, dtype=DTYPE, requires_grad=True)
     dy = torch.randn_like(x)

@@ -17,7 +17,7 @@ On CPU the same code runs at a tiny shape through Triton's interpreter (ours and
 import pytest
 import torch
 
-from bench.harness import ON_GPU, copy_of
+from bench.harness import ON_GPU, measure_copy_floor
 from bench.shapes import MODELS, QUICK, token_counts
 from kernels.rope import apply_rope
 
@@ -88,11 +88,8 @@ def test_rope(measure, device, tokens, model, timing, provider, op):
     op_bytes = qk_bytes if op == "fwd" else 2 * qk_bytes
     graph = timing == "cuda_graph"
     if provider == "copy_floor":
-        if not graph:
-            pytest.skip("the copy floor is graph-timed only")
-        measure(f"rope.{op}", provider, copy_of(op_bytes, device), shape=shape, dtype=DTYPE, bytes=op_bytes,
-                cuda_graph=True, memory=False)
-        return
+        return measure_copy_floor(measure, f"rope.{op}", op_bytes, shape=shape, dtype=DTYPE, device=device,
+                                  timing=timing)
     rope = _rope_fn(provider, tokens, model)
     q = torch.randn(1, tokens, heads, head_dim, device=device, dtype=DTYPE).transpose(1, 2).requires_grad_()
     k = torch.randn(1, tokens, kv_heads, head_dim, device=device, dtype=DTYPE).transpose(1, 2).requires_grad_()

@@ -78,6 +78,16 @@ def copy_of(nbytes: int, device) -> callable:
     return lambda: torch.bitwise_not(src, out=dst)
 
 
+def measure_copy_floor(measure, op: str, nbytes: int, *, shape: dict, dtype, device, timing: str):
+    """Record `copy_of(nbytes)` as provider "copy_floor" of `op`; graph-timed only, like the ops it is a floor for."""
+    import pytest
+
+    if timing != "cuda_graph":
+        pytest.skip("the copy floor is graph-timed only")
+    measure(op, "copy_floor", copy_of(nbytes, device), shape=shape, dtype=dtype, bytes=nbytes, cuda_graph=True,
+            memory=False)
+
+
 def device_ceilings() -> dict:
     """Copy bandwidth (bytes read + written) and bf16 GEMM rate measured now: what figures are judged by."""
     if not ON_GPU:
