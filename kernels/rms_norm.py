@@ -7,8 +7,10 @@ The output has x's dtype. With a residual, the kernel also returns residual_sum 
 dtype, as a pre-norm decoder's `residual = residual + hidden`) and normalises that sum.
 
 Backward never writes into a tensor autograd may still hold: dX gets its own buffer, because the incoming
-gradient can be shared with other branches of the graph. dW is reduced without atomics: a persistent grid of
-programs each accumulates an fp32 partial over its rows, and one small kernel sums the partials.
+gradient can be shared with other branches of the graph. dW: a persistent grid of programs each accumulates an
+fp32 partial over its rows; the partials are added with fp32 atomics and the last program rounds the sum, in
+the same launch (which matters at small sizes, where each extra launch costs several percent), or, under
+torch.use_deterministic_algorithms, summed by a second small kernel in a fixed order.
 """
 import functools
 
@@ -113,42 +115,54 @@ def _store_dx(dx_ptr, dsum_ptr, rows, cols, n_rows, n_cols, dx_stride, dsum_stri
 
 
 @triton.jit
+def _load_rows(x_ptr, dy_ptr, rstd_ptr, rows, cols, tail_cols, n_rows, n_cols, x_stride, dy_stride,
+               TAIL: tl.constexpr):
+    """x and dy of a row block in the forward's two pieces (the tail pieces are stand-ins when TAIL = 0), and rstd."""
+    x = _load_tile(x_ptr, rows, cols, n_rows, n_cols, x_stride)
+    dy = _load_tile(dy_ptr, rows, cols, n_rows, n_cols, dy_stride)
+    if TAIL > 0:
+        tail_x = _load_tile(x_ptr, rows, tail_cols, n_rows, n_cols, x_stride)
+        tail_dy = _load_tile(dy_ptr, rows, tail_cols, n_rows, n_cols, dy_stride)
+    else:
+        tail_x, tail_dy = x, dy
+    return x, dy, tail_x, tail_dy, tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+
+
+@triton.jit
 def _rms_norm_backward_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dw_partial_ptr,
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dw_partial_ptr, counter_ptr, dw_ptr,
     n_rows, n_cols, dy_stride, x_stride, dsum_stride, dx_stride,
     offset,
     GEMMA: tl.constexpr, HAS_DSUM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
+    ATOMIC_DW: tl.constexpr,
 ):
-    """Persistent: program p handles row blocks p, p + P, ... and writes its fp32 dW partial to row p. Rows are
-    held in the forward's two pieces.
+    """Persistent: program p handles row blocks p, p + P, ... Rows are held in the forward's two pieces.
 
     Each step issues the loads of the program's next row block before working on the current one: with only a
-    couple of programs resident per SM, memory would otherwise idle through every reduction and store.
+    couple of programs resident per SM, memory would otherwise idle through every reduction and store (loading
+    two blocks ahead measured slower on an H200). dW: with ATOMIC_DW each program adds its fp32 column sums into
+    one fp32 row and the last program to finish rounds it into dW (one launch; the order of the adds varies); otherwise it writes them to its own
+    row of `dw_partial` for _sum_partials_kernel (bitwise reproducible).
     """
     pid = tl.program_id(0)
     step = tl.num_programs(0) * ROWS
     cols = tl.arange(0, BLOCK)
     scale = offset + tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    x = _load_tile(x_ptr, rows, cols, n_rows, n_cols, x_stride)
-    dy = _load_tile(dy_ptr, rows, cols, n_rows, n_cols, dy_stride)
     if TAIL > 0:
         tail_cols = BLOCK + tl.arange(0, TAIL)
         tail_scale = offset + tl.load(w_ptr + tail_cols, mask=tail_cols < n_cols, other=0.0).to(tl.float32)
         tail_dw = tl.zeros((ROWS, TAIL), dtype=tl.float32)
-        tail_x = _load_tile(x_ptr, rows, tail_cols, n_rows, n_cols, x_stride)
-        tail_dy = _load_tile(dy_ptr, rows, tail_cols, n_rows, n_cols, dy_stride)
-    rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+    else:
+        tail_cols = cols
+    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    x, dy, tail_x, tail_dy, rstd = _load_rows(x_ptr, dy_ptr, rstd_ptr, rows, cols, tail_cols, n_rows, n_cols,
+                                              x_stride, dy_stride, TAIL)
     for first in range(pid * ROWS, n_rows, step):
         rows = first + tl.arange(0, ROWS).to(tl.int64)
-        next_rows = rows + step
-        next_x = _load_tile(x_ptr, next_rows, cols, n_rows, n_cols, x_stride)
-        next_dy = _load_tile(dy_ptr, next_rows, cols, n_rows, n_cols, dy_stride)
-        if TAIL > 0:
-            next_tail_x = _load_tile(x_ptr, next_rows, tail_cols, n_rows, n_cols, x_stride)
-            next_tail_dy = _load_tile(dy_ptr, next_rows, tail_cols, n_rows, n_cols, dy_stride)
-        next_rstd = tl.load(rstd_ptr + next_rows, mask=next_rows < n_rows, other=0.0)
+        next_x, next_dy, next_tail_x, next_tail_dy, next_rstd = _load_rows(
+            x_ptr, dy_ptr, rstd_ptr, rows + step, cols, tail_cols, n_rows, n_cols, x_stride, dy_stride,
+            TAIL)
         normed, dnormed, dw_terms = _backward_terms(x, dy, rstd, scale, GEMMA)
         dw += dw_terms
         dot = tl.sum(dnormed * normed, axis=1)
@@ -162,11 +176,21 @@ def _rms_norm_backward_kernel(
         if TAIL > 0:
             _store_dx(dx_ptr, dsum_ptr, rows, tail_cols, n_rows, n_cols, dx_stride, dsum_stride, tail_normed,
                       tail_dnormed, rstd, projection, HAS_DSUM)
-            tail_x, tail_dy = next_tail_x, next_tail_dy
-        x, dy, rstd = next_x, next_dy, next_rstd
-    tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=cols < n_cols)
-    if TAIL > 0:
-        tl.store(dw_partial_ptr + pid * n_cols + tail_cols, tl.sum(tail_dw, axis=0), mask=tail_cols < n_cols)
+        x, dy, tail_x, tail_dy, rstd = next_x, next_dy, next_tail_x, next_tail_dy, next_rstd
+    if ATOMIC_DW:
+        tl.atomic_add(dw_partial_ptr + cols, tl.sum(dw, axis=0), mask=cols < n_cols, sem="relaxed")
+        if TAIL > 0:
+            tl.atomic_add(dw_partial_ptr + tail_cols, tl.sum(tail_dw, axis=0), mask=tail_cols < n_cols, sem="relaxed")
+        if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            total = tl.load(dw_partial_ptr + cols, mask=cols < n_cols, cache_modifier=".cg")
+            tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=cols < n_cols)
+            if TAIL > 0:
+                total = tl.load(dw_partial_ptr + tail_cols, mask=tail_cols < n_cols, cache_modifier=".cg")
+                tl.store(dw_ptr + tail_cols, total.to(dw_ptr.dtype.element_ty), mask=tail_cols < n_cols)
+    else:
+        tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=cols < n_cols)
+        if TAIL > 0:
+            tl.store(dw_partial_ptr + pid * n_cols + tail_cols, tl.sum(tail_dw, axis=0), mask=tail_cols < n_cols)
 
 
 @triton.jit
@@ -204,12 +228,17 @@ def _pieces(n_cols):
 # them (widths under 4096 group rows per program).
 # Forward {(block, tail): (rows per program, warps)}.
 _FORWARD_CONFIGS = {(4096, 0): (1, 8), (8192, 0): (1, 4), (16384, 0): (1, 8), (32768, 0): (1, 16),
-                    (65536, 0): (1, 16), (1024, 128): (2, 1), (4096, 512): (1, 4)}
+                    (65536, 0): (1, 16), (1024, 128): (1, 1), (4096, 512): (1, 4)}
 # Backward {(block, tail): (rows per step, warps, programs per SM)}, bounded by register use (ptxas, sm_90): a
 # program holds its current rows in fp32 plus the prefetched next ones, and rows x width = 8192 at 16 warps (or
 # 4096 at 8) fills about half an SM's register file. Widths above 8192 spill registers at any setting.
+# bench/tune_norm_rope.py reruns the sweep.
 _BACKWARD_CONFIGS = {(2048, 0): (2, 8, 2), (4096, 0): (1, 16, 2), (8192, 0): (1, 16, 1), (16384, 0): (1, 32, 1),
-                     (32768, 0): (1, 32, 1), (65536, 0): (1, 32, 1), (1024, 128): (4, 4, 2), (4096, 512): (1, 4, 2)}
+                     (32768, 0): (1, 32, 1), (65536, 0): (1, 32, 1), (1024, 128): (8, 8, 1), (4096, 512): (1, 4, 2)}
+# Inputs of at most _SMALL_ELEMENTS (a few thousand tokens) run each program for only ~15 row blocks: there two rows
+# per step from one program per SM measured faster than one row from two.
+_SMALL_ELEMENTS = 2**24
+_SMALL_BACKWARD_CONFIGS = {(4096, 0): (2, 16, 1)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,15 +251,20 @@ def _forward_config(n_cols):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_config(n_cols, device_index):
+def _backward_config(n_cols, device_index, small):
     """(block, tail, rows per step, warps, most programs) of the persistent backward; few programs in the
     interpreter, where each one is slow to simulate."""
     block, tail = _pieces(n_cols)
     padded = (next_power_of_2(block + tail), 0)
-    rows, warps, programs_per_sm = (_BACKWARD_CONFIGS.get((block, tail)) or _BACKWARD_CONFIGS.get(padded)
-                                    or (4096 // padded[0], 8, 2))
+    configs = {**_BACKWARD_CONFIGS, **_SMALL_BACKWARD_CONFIGS} if small else _BACKWARD_CONFIGS
+    rows, warps, programs_per_sm = (configs.get((block, tail)) or configs.get(padded) or (4096 // padded[0], 8, 2))
     most_programs = 4 if kernels.INTERPRETED else programs_per_sm * multiprocessor_count(device_index)
     return block, tail, rows, warps, most_programs
+
+
+def _atomic_dw():
+    """Sum dW with atomics (one launch, order of adds varies) unless torch is asked for deterministic algorithms."""
+    return not torch.are_deterministic_algorithms_enabled()
 
 
 def _forward(x, weight, residual, eps, offset, gemma, store_rstd, sum_into_residual=False):
@@ -266,18 +300,27 @@ def _backward(dy, normed_input, weight, rstd, dsum, offset, gemma):
     dsum2 = dy2 if dsum is None else _rows(dsum, n_cols)
     n_rows = x2.shape[0]
     dx = torch.empty_like(x2)
-    block, tail, rows, warps, most_programs = _backward_config(n_cols, x2.device.index)
+    block, tail, rows, warps, most_programs = _backward_config(n_cols, x2.device.index,
+                                                               n_rows * n_cols <= _SMALL_ELEMENTS)
     programs = max(1, min(most_programs, cdiv(n_rows, rows)))
-    dw_partial = torch.empty(programs, n_cols, device=x2.device, dtype=torch.float32)
+    dw = torch.empty_like(weight)
+    atomic = _atomic_dw()
+    if atomic:
+        dw_partial = torch.zeros(n_cols + 1, device=x2.device, dtype=torch.float32)
+        counter = dw_partial[n_cols:].view(torch.int32)
+    else:
+        dw_partial = torch.empty(programs, n_cols, device=x2.device, dtype=torch.float32)
+        counter = dw_partial
     _rms_norm_backward_kernel[(programs,)](
-        dy2, x2, weight, rstd, dsum2, dx, dw_partial,
+        dy2, x2, weight, rstd, dsum2, dx, dw_partial, counter, dw,
         n_rows, n_cols, dy2.stride(0), x2.stride(0), dsum2.stride(0), dx.stride(0),
         offset,
-        GEMMA=gemma, HAS_DSUM=dsum is not None, ROWS=rows, BLOCK=block, TAIL=tail, num_warps=warps,
+        GEMMA=gemma, HAS_DSUM=dsum is not None, ROWS=rows, BLOCK=block, TAIL=tail, ATOMIC_DW=atomic,
+        num_warps=warps,
     )
-    dw = torch.empty_like(weight)
-    _sum_partials_kernel[(cdiv(n_cols, 32),)](dw_partial, dw, programs, n_cols,
-                                              BLOCK_P=min(next_power_of_2(programs), 128), BLOCK_C=32)
+    if not atomic:
+        _sum_partials_kernel[(cdiv(n_cols, 32),)](dw_partial, dw, programs, n_cols,
+                                                  BLOCK_P=min(next_power_of_2(programs), 128), BLOCK_C=32)
     return dx.view(normed_input.shape), dw
 
 

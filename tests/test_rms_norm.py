@@ -100,6 +100,33 @@ def test_backward_row_blocks_spread_unevenly_over_programs(device):
                                        msg=lambda m: f"{name} at {rows} x {hidden}: {m}")
 
 
+def test_deterministic_mode_sums_dw_in_a_fixed_order(device):
+    """By default dW partials meet through fp32 atomics (one launch); under torch.use_deterministic_algorithms
+    they are summed by a second kernel in a fixed order: bitwise repeatable, and equal to the atomic sum up to
+    fp32 reassociation."""
+    rows, hidden = (37, 1100) if device.type == "cpu" else (8192, 1152)
+    x = torch.randn(rows, hidden, device=device, requires_grad=True)
+    weight = torch.randn(hidden, device=device, requires_grad=True)
+    dy = torch.randn(rows, hidden, device=device)
+
+    def grads():
+        return torch.autograd.grad(rms_norm(x, weight, 1e-6), (x, weight), dy)
+
+    atomic_dx, atomic_dw = grads()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    torch.testing.assert_close(first[0], atomic_dx, atol=0, rtol=0)  # dx never goes through the atomics
+    torch.testing.assert_close(first[1], atomic_dw, atol=1e-5 * atomic_dw.abs().max().item(), rtol=1e-5)
+    expected = _reference_grads(x, weight, None, 1e-6, 0.0, dy, None)
+    torch.testing.assert_close(atomic_dw.double(), expected[1], atol=2e-5 * expected[1].abs().max().item(),
+                               rtol=2e-5)
+
+
 def test_mixed_precision_weight_and_broadcast_shapes(device):
     """fp32 weight with bf16 activations (autocast training) and a 3-D input: output keeps x's dtype and shape."""
     x = torch.randn(2, 3, 40, device=device, dtype=torch.bfloat16)
