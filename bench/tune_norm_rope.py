@@ -3,7 +3,8 @@
 Every candidate is graph-timed (CUDA-graph replay, median), checked against the default setting's result, and
 reported as a fraction of the 1 GiB copy ceiling and of a same-size SM copy measured in the same run. The
 winners are what `_FORWARD_CONFIGS` / `_BACKWARD_CONFIGS` (kernels/rms_norm.py) and `_launch_config`
-(kernels/rope.py) encode; rerun this after changing a kernel. Writes tune_norm_rope.json to $OUT (or cwd).
+(kernels/rope.py) encode; rerun this after changing a kernel. Writes tune_norm_rope.json to $OUT (or cwd);
+TUNE=norm|rope and TUNE_NORM_SHAPES=4096x3584,... narrow the sweep. Past sweeps: bench/results/tuning/.
 """
 import functools
 import importlib
@@ -11,6 +12,7 @@ import itertools
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton.testing
@@ -33,18 +35,6 @@ def graph_ms(fn):
 
 def copy_ms(nbytes):
     return graph_ms(copy_of(nbytes, "cuda"))
-
-
-def _patched(module, name, value):
-    """Context manager replacing module.name (a cached config function) for the duration."""
-    class _Patch:
-        def __enter__(self):
-            self.old = getattr(module, name)
-            setattr(module, name, value)
-
-        def __exit__(self, *exc):
-            setattr(module, name, self.old)
-    return _Patch()
 
 
 def _close(a, b):
@@ -83,7 +73,7 @@ def tune_norm(ceiling, results):
         for rows, warps in itertools.product([1, 2, 4, 8], [1, 2, 4, 8, 16]):
             if rows * width > 16384 or warps * 32 * 4 > rows * width:
                 continue
-            with _patched(norm_mod, "_forward_config", lambda n, c=(block, tail, rows, warps): c):
+            with mock.patch.object(norm_mod, "_forward_config", lambda n, c=(block, tail, rows, warps): c):
                 y = norm_mod.rms_norm(x, w)
                 ok = _close(y, y_ref)
                 entry["fwd"].append({"rows": rows, "warps": warps, "ok": ok,
@@ -93,7 +83,8 @@ def tune_norm(ceiling, results):
             if rows * (block + tail) > 18432 or warps * 32 * 2 > rows * width or (rows * width > 8192 and per_sm > 1):
                 continue
             config = functools.partial(lambda *args, c: c, c=(block, tail, rows, warps, per_sm * sms))
-            with _patched(norm_mod, "_backward_config", config), _patched(norm_mod, "_atomic_dw", lambda a=atomic: a):
+            with mock.patch.object(norm_mod, "_backward_config", config), \
+                    mock.patch.object(norm_mod, "_atomic_dw", lambda a=atomic: a):
                 dx, dw = norm_mod._backward(dy, x, w, rstd, None, 0.0, False)
                 ok = _close(dx, dx_ref) and _close(dw, dw_ref)
                 ms = graph_ms(lambda: norm_mod._backward(dy, x, w, rstd, None, 0.0, False))
@@ -151,7 +142,7 @@ def tune_rope(ceiling, results):
                 heads = dict(BLOCK_Q_HEADS=constants["BLOCK_Q_HEADS"] // parts,
                              BLOCK_K_HEADS=max(1, constants["BLOCK_K_HEADS"] // parts))
                 return dict(constants, num_warps=nw, **heads), blocks * parts
-            with _patched(rope_mod, "_launch_config", config):
+            with mock.patch.object(rope_mod, "_launch_config", config):
                 ok = all(torch.equal(a, b) for a, b in zip(fwd() + fwd_bwd(), ref))
                 row = {"warps": warps, "head_split": split, "ok": ok}
                 for op, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
@@ -180,6 +171,7 @@ def main():
     if "norm" in which:
         tune_norm(ceilings["copy_tb_s"], results)
     out = Path(os.environ.get("OUT", ".")) / "tune_norm_rope.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
 

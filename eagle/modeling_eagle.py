@@ -48,7 +48,7 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     # Checkpoints that ship SigLIP's unused pooling head load fine without it.
     _keys_to_ignore_on_load_unexpected = [r"^vision_model\.vision_model\.head\."]
 
@@ -118,13 +118,14 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     # --- forward / generate ----------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, image_flags=None, image_features=None,
-                use_cache=None, logits_to_keep=0, **kwargs):
+                inputs_embeds=None, labels=None, image_flags=None, image_features=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
         """Splice vision features into the text embeddings, then run the language model.
 
         `image_flags` (one per tile, 0 for padding tiles of text-only samples) keeps flagged-off tiles out of
         the sequence while their features still join the graph with weight 0, so every rank's vision tower
-        gets a gradient (FSDP needs it). `image_features` replaces `pixel_values` when computed elsewhere.
+        gets a gradient (FSDP needs it). `image_features` replaces `pixel_values` when computed elsewhere. The
+        KV cache travels in kwargs under whichever name the installed transformers uses.
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass pixel_values or image_features, not both")
@@ -145,8 +146,8 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 image_features = image_features[keep]
             inputs_embeds = self.splice_image_features(input_ids, inputs_embeds, image_features)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=past_key_values, labels=labels,
-                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                   position_ids=position_ids, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         """Vision inputs belong to the prompt only: decoding steps carry no `<IMG_CONTEXT>` tokens."""

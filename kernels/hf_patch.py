@@ -12,6 +12,7 @@ built from them, such as our Eagle (SigLIP vision tower + Qwen2 language model).
 LayerNorm and its MLP is fc1 -> GELU(tanh) -> fc2, and it has no rotary embedding: none of our kernels fits it,
 so it is accepted and left as it is.
 """
+import dataclasses
 import functools
 import importlib
 import logging
@@ -31,6 +32,16 @@ from kernels.swiglu import swiglu as fused_swiglu
 from kernels.swiglu import swiglu_mlp
 
 logger = logging.getLogger(__name__)
+
+# transformers 5.2x renamed the KV cache `past_key_values` -> `cache` (arguments and output fields); both occur.
+CACHE_NAMES = ("cache", "past_key_values")
+OUTPUT_CACHE_FIELD = next(f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name in CACHE_NAMES)
+
+
+def _pop_cache(kwargs):
+    """The KV cache passed under either of its names (None when there is none), removed from kwargs."""
+    found = [kwargs.pop(name, None) for name in CACHE_NAMES]
+    return next((cache for cache in found if cache is not None), None)
 
 # Model family shown to users -> (transformers module, class-name prefix, whether any kernel fits it).
 SUPPORTED = {
@@ -73,8 +84,7 @@ class _FusedRopeAttention:
     projections' (batch, seq, heads, dim) layout avoids a transposed copy.
     """
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         heads_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(heads_shape)
@@ -85,8 +95,9 @@ class _FusedRopeAttention:
         cos, sin = position_embeddings
         query, key = apply_rope(query, key, cos, sin, layout="bshd")
         query, key = query.transpose(1, 2), key.transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        cache = _pop_cache(kwargs)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           self._eager_attention)
@@ -107,8 +118,8 @@ class _FusedCausalLM:
     """
 
     @can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_logits=False, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, return_logits=False, **kwargs):
         """In training with labels the loss is our fused linear + cross-entropy on the last hidden states, with
         HF's semantics: labels shifted left by one (or `shift_labels` as given), `ignore_index` skipped, the
         sum divided by `num_items_in_batch` when the trainer passes it (gradient accumulation), else the mean
@@ -118,14 +129,14 @@ class _FusedCausalLM:
         """
         if not (self.training and labels is not None and type(self.lm_head) is nn.Linear):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
         ignore_index = kwargs.pop("ignore_index", -100)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         outputs = getattr(self, self.base_model_prefix)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden_states = outputs.last_hidden_state
         if shift_labels is None:
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -134,8 +145,9 @@ class _FusedCausalLM:
         if return_logits:
             kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, kept, :])
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions,
+                                      **{OUTPUT_CACHE_FIELD: getattr(outputs, OUTPUT_CACHE_FIELD)})
 
 
 def causal_lm_loss(hidden_states, lm_head, shift_labels, ignore_index=-100, num_items_in_batch=None):
