@@ -181,6 +181,9 @@ def _rms_norm_backward_kernel(
         tl.atomic_add(dw_partial_ptr + cols, tl.sum(dw, axis=0), mask=cols < n_cols, sem="relaxed")
         if TAIL > 0:
             tl.atomic_add(dw_partial_ptr + tail_cols, tl.sum(tail_dw, axis=0), mask=tail_cols < n_cols, sem="relaxed")
+        # Every thread's adds precede the barrier, so the counter's release covers them all: the program that
+        # finds itself last (acquire) then reads the complete sum.
+        tl.debug_barrier()
         if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
             total = tl.load(dw_partial_ptr + cols, mask=cols < n_cols, cache_modifier=".cg")
             tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=cols < n_cols)
