@@ -141,8 +141,8 @@ def _rms_norm_backward_kernel(
     Each step issues the loads of the program's next row block before working on the current one: with only a
     couple of programs resident per SM, memory would otherwise idle through every reduction and store (loading
     two blocks ahead measured slower on an H200). dW: with ATOMIC_DW each program adds its fp32 column sums into
-    one fp32 row and the last program to finish rounds it into dW (one launch; the order of the adds varies); otherwise it writes them to its own
-    row of `dw_partial` for _sum_partials_kernel (bitwise reproducible).
+    one fp32 row and the last program to finish rounds it into dW (one launch; the order of the adds varies);
+    otherwise each writes them to its own row of `dw_partial` for _sum_partials_kernel (bitwise reproducible).
     """
     pid = tl.program_id(0)
     step = tl.num_programs(0) * ROWS
@@ -180,7 +180,8 @@ def _rms_norm_backward_kernel(
     if ATOMIC_DW:
         tl.atomic_add(dw_partial_ptr + cols, tl.sum(dw, axis=0), mask=cols < n_cols, sem="relaxed")
         if TAIL > 0:
-            tl.atomic_add(dw_partial_ptr + tail_cols, tl.sum(tail_dw, axis=0), mask=tail_cols < n_cols, sem="relaxed")
+            tl.atomic_add(dw_partial_ptr + tail_cols, tl.sum(tail_dw, axis=0), mask=tail_cols < n_cols,
+                          sem="relaxed")
         # Every thread's adds precede the barrier, so the counter's release covers them all: the program that
         # finds itself last (acquire) then reads the complete sum.
         tl.debug_barrier()
@@ -238,7 +239,7 @@ _FORWARD_CONFIGS = {(4096, 0): (1, 8), (8192, 0): (1, 4), (16384, 0): (1, 8), (3
 # bench/tune_norm_rope.py reruns the sweep.
 _BACKWARD_CONFIGS = {(2048, 0): (2, 8, 2), (4096, 0): (1, 16, 2), (8192, 0): (1, 16, 1), (16384, 0): (1, 32, 1),
                      (32768, 0): (1, 32, 1), (65536, 0): (1, 32, 1), (1024, 128): (8, 8, 1), (4096, 512): (1, 4, 2)}
-# Inputs of at most _SMALL_ELEMENTS (a few thousand tokens) run each program for only ~15 row blocks: there two rows
+# Inputs of at most _SMALL_ELEMENTS (a few thousand tokens) give each program only ~15 row blocks: there two rows
 # per step from one program per SM measured faster than one row from two.
 _SMALL_ELEMENTS = 2**24
 _SMALL_BACKWARD_CONFIGS = {(4096, 0): (2, 16, 1)}
