@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bench.harness import ON_GPU, measure_copy_floor
-from bench.shapes import QUICK, token_counts
+from bench.shapes import MODELS, QUICK, token_counts
 from kernels.rms_norm import RMSNorm
 
 DTYPE = torch.bfloat16
@@ -25,7 +25,9 @@ EPS = 1e-6
 MAIN_TOKENS, MAIN_HIDDEN = 16384, 3584  # Qwen2.5-7B
 if ON_GPU:
     SHAPES = [(t, MAIN_HIDDEN) for t in token_counts(MAIN_TOKENS, 4096, 65536)]
-    SHAPES += [] if QUICK else [(MAIN_TOKENS, 1152), (MAIN_TOKENS, 4608)]  # SigLIP-so400m, Gemma-2-27B
+    # The other models' widths (SigLIP-so400m's 1152 among them), and Gemma-2-27B's 4608.
+    OTHER_WIDTHS = sorted({m["hidden"] for m in MODELS.values()} - {MAIN_HIDDEN} | {4608})
+    SHAPES += [] if QUICK else [(MAIN_TOKENS, hidden) for hidden in OTHER_WIDTHS]
 else:
     SHAPES = [(64, 96)]
 # Every shape graph-timed; the main one (on CPU the tiny one) also host-included.

@@ -26,7 +26,9 @@ THETA = 1e6  # Qwen2.5's rope_theta
 MAIN_TOKENS, MAIN_MODEL = 16384, "qwen2.5-7b"
 if ON_GPU:
     SHAPES = [(t, MAIN_MODEL) for t in token_counts(MAIN_TOKENS, 4096, 65536)]
-    SHAPES += [] if QUICK else [(MAIN_TOKENS, "qwen2.5-0.5b")]  # head_dim 64
+    # The other models with rotary attention (SigLIP has none); Qwen2.5-0.5B has head_dim 64.
+    SHAPES += [] if QUICK else [(MAIN_TOKENS, name) for name in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-32b",
+                                                                  "llama-3-8b")]
 else:
     SHAPES = [(16, "qwen2.5-0.5b")]
 # Every shape graph-timed; the main one (on CPU the tiny one) also host-included.
