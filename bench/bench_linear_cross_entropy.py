@@ -47,7 +47,7 @@ def providers():
              "ours_per_vocab_chunk": lambda x, w, y: linear_cross_entropy(x, w, y,
                                                                           dw_accumulation="per_vocab_chunk")}
     if SWEEP:
-        for chunk in (1024, 4096):
+        for chunk in (2048, 8192):
             table[f"ours_fp32_chunk{chunk}"] = (
                 lambda x, w, y, c=chunk: linear_cross_entropy(x, w, y, chunk_size=c))
         for chunk in (2048, 8192):

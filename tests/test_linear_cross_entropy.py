@@ -29,8 +29,9 @@ def reference(x, weight, target, bias=None, *, ignore_index=-100, reduction="mea
     lse = logits.logsumexp(-1)
     valid = target != ignore_index
     target_logit = logits.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
-    token_loss = ((1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1))
-                  + z_loss * lse * lse)
+    token_loss = (1 - label_smoothing) * (lse - target_logit) + z_loss * lse * lse
+    if label_smoothing:  # a -inf logit makes the mean -inf
+        token_loss = token_loss + label_smoothing * (lse - logits.mean(-1))
     token_loss = torch.where(valid, token_loss, 0.0)
     weighted = token_loss if weights is None else token_loss * weights.double()
     if reduction == "none":
@@ -110,10 +111,13 @@ def test_options_match_float64(strategy, options, device):
 
 
 def test_row_blocks_and_chunks_fold_like_one_pass(device, monkeypatch):
-    """Rows longer than one kernel block and ragged last chunks of tokens and vocabulary."""
+    """Rows longer than one kernel block, ragged last chunks of tokens and vocabulary, and chunks whose logits
+    are computed a few rows at a time."""
     if device.type == "cuda":
         pytest.skip("CPU interpreter sizes")
     monkeypatch.setattr(lce_module, "_ROW_BLOCK", 16)
+    monkeypatch.setattr(lce_module, "_STATS_BLOCK", 8)
+    monkeypatch.setattr(lce_module, "_LOGIT_ROWS", 2)
     x, weight, target = make_inputs((2, 11), 40, 131, device)
     for strategy in (dict(dw_accumulation="fp32", chunk_size=5), dict(dw_accumulation="per_vocab_chunk",
                                                                        chunk_size=50)):
@@ -121,13 +125,31 @@ def test_row_blocks_and_chunks_fold_like_one_pass(device, monkeypatch):
                        loss_tol=1e-5, grad_tol=1e-5)
 
 
+def test_minus_inf_logits_mask_vocabulary_entries(device, monkeypatch):
+    """A bias of -inf masks vocabulary entries; whole blocks of -inf, first in the row, must not give NaN."""
+    if device.type == "cuda":
+        pytest.skip("CPU interpreter sizes")
+    monkeypatch.setattr(lce_module, "_STATS_BLOCK", 8)
+    x, weight, target = make_inputs((13,), 24, 67, device)
+    bias = torch.randn(67, device=device)
+    bias[:20] = float("-inf")
+    target = torch.where((target >= 0) & (target < 20), target + 20, target)
+    for strategy in STRATEGIES:
+        ours, ref, grads, ref_grads = run_both(x, weight, target, bias, **strategy)
+        assert_matches(ours, ref, grads[:2], ref_grads[:2], loss_tol=1e-5, grad_tol=1e-5)
+        assert torch.equal(grads[2][:20], torch.zeros(20, device=device))
+
+
 # bf16 on CPU: logits and statistics stay fp32; the gradients are rounded to bf16 once (relative ~2^-8).
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
 def test_bf16_matches_float64(strategy, device, monkeypatch):
-    """Also narrows the fp32 dW in place over several row blocks (the gradient aliases the fp32 buffer)."""
+    """Also narrows the fp32 dW in place over several row blocks (the gradient aliases the fp32 buffer), and
+    gathers bf16 gradients of several fp32 logit scratches per chunk."""
     if device.type == "cuda":
         pytest.skip("CPU interpreter sizes")
     monkeypatch.setattr(lce_module, "_NARROW_ROWS", 5)
+    monkeypatch.setattr(lce_module, "_NARROW_BLOCK", 64)
+    monkeypatch.setattr(lce_module, "_LOGIT_ROWS", 3)
     x, weight, target = make_inputs((31,), 40, 173, device, dtype=torch.bfloat16)
     bias = (torch.randn(173) * 0.3).to(torch.bfloat16)
     assert_matches(*run_both(x, weight, target, bias, z_loss=1e-4, **strategy), loss_tol=1e-4, grad_tol=1e-2)
