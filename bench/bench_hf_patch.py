@@ -1,5 +1,8 @@
 """One training step of a Qwen2.5-7B-shaped causal LM: unpatched HF (eager) vs apply_kernels (ours) vs Liger.
 
+`ours_weight_dtype` is apply_kernels(dw_accumulation="weight_dtype"): the lm-head gradient summed in bf16 across
+token chunks, as Liger does, instead of our default fp32.
+
 Full width (hidden 3584, 28 query / 4 KV heads, intermediate 18944, vocab 152064, untied head), 4 layers,
 random bf16 weights, SDPA attention for everyone, one sequence of 8K or 16K tokens. A step is forward,
 backward, fused AdamW and zero_grad(set_to_none), so the peak extra memory is gradients + activations +
@@ -61,7 +64,7 @@ def _flops(model, tokens):
     return 6 * matmul_params * tokens + attention
 
 
-@pytest.mark.parametrize("provider", ["eager", "ours", "liger"])
+@pytest.mark.parametrize("provider", ["eager", "ours", "ours_weight_dtype", "liger"])
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_qwen2_7b_train_step(measure, device, tokens, provider):
     if provider == "liger":
@@ -72,8 +75,8 @@ def test_qwen2_7b_train_step(measure, device, tokens, provider):
     input_ids = torch.randint(0, SHAPE["vocab"], (1, tokens), device=device)
     with _restored_qwen2_module():
         model = _model(device)
-        if provider == "ours":
-            apply_kernels(model)
+        if provider.startswith("ours"):
+            apply_kernels(model, dw_accumulation="weight_dtype" if provider == "ours_weight_dtype" else "fp32")
         elif provider == "liger":
             liger.apply_liger_kernel_to_qwen2(model=model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=ON_GPU)

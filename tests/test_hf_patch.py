@@ -244,6 +244,29 @@ def test_flags_and_idempotence(device):
     assert alive() is None  # no self-reference: `del` frees a patched model's memory at once
 
 
+def test_loss_dw_accumulation_option(device, monkeypatch):
+    """apply_kernels(dw_accumulation=...) reaches the fused loss, patching again updates it, bad values raise."""
+    import kernels.hf_patch as hf_patch
+
+    reference, patched = _pair("llama", device, dw_accumulation="weight_dtype")
+    seen = []
+
+    def recording_loss(*args, **kwargs):
+        seen.append(kwargs["dw_accumulation"])
+        return fused_loss(*args, **kwargs)
+
+    fused_loss = hf_patch.fused_linear_cross_entropy
+    monkeypatch.setattr(hf_patch, "fused_linear_cross_entropy", recording_loss)
+    _assert_same_step(reference, patched, _batch(device))  # fp32 weights: the same sums either way
+    apply_kernels(patched)
+    patched(**_batch(device))
+    assert seen == ["weight_dtype", "fp32"]
+    with pytest.raises(ValueError, match="dw_accumulation"):
+        apply_kernels(patched, dw_accumulation="bf16")
+    with pytest.raises(ValueError, match="dw_accumulation"):
+        patch_model_class(LlamaForCausalLM, dw_accumulation="bf16")
+
+
 def test_gradient_checkpointing(device):
     reference, patched = _pair("qwen3", device, layers=1)
     for model in (reference, patched):

@@ -14,7 +14,8 @@ from kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entrop
 
 lce_module = importlib.import_module("kernels.linear_cross_entropy")  # the name `kernels.linear_cross_entropy` is the function
 
-STRATEGIES = [dict(dw_accumulation="fp32", chunk_size=16), dict(dw_accumulation="per_vocab_chunk", chunk_size=48)]
+STRATEGIES = [dict(dw_accumulation="fp32", chunk_size=16), dict(dw_accumulation="weight_dtype", chunk_size=16),
+              dict(dw_accumulation="per_vocab_chunk", chunk_size=48)]
 
 
 def reference(x, weight, target, bias=None, *, ignore_index=-100, reduction="mean", weights=None,
@@ -235,7 +236,7 @@ def _chunked_reference(x, weight, target, rows=1024, **opts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dw_accumulation", ["fp32", "per_vocab_chunk"])
+@pytest.mark.parametrize("dw_accumulation", ["fp32", "weight_dtype", "per_vocab_chunk"])
 @pytest.mark.parametrize("vocab", [152064, 151937])
 def test_full_size_bf16_on_gpu(dw_accumulation, vocab):
     """Qwen2.5-7B head at full vocab (and an odd one), bf16: loss, lse, dx and dW against fp32-logit autograd."""
@@ -268,7 +269,7 @@ def assert_bf16_gradient_close(got, want):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dw_accumulation", ["fp32", "per_vocab_chunk"])
+@pytest.mark.parametrize("dw_accumulation", ["fp32", "weight_dtype", "per_vocab_chunk"])
 def test_cuda_graph_capture_has_no_host_sync(dw_accumulation):
     """Capturing forward + backward in a CUDA graph fails on any host synchronisation; replays are right.
 
