@@ -4,7 +4,7 @@ Triton kernels run through the interpreter on CPU-only machines: TRITON_INTERPRE
 kernel module is imported, which `import kernels` does. The `gpu` and `multigpu(n)` markers skip tests
 that need hardware this machine lacks.
 """
-import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA, before any kernel is defined)
+from longvl import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA, before any kernel is defined)
 import pytest
 import torch
 

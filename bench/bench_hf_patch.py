@@ -22,7 +22,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from bench.harness import ON_GPU
 from bench.shapes import MODELS, token_counts
-from kernels.hf_patch import apply_kernels
+from longvl.kernels.hf_patch import apply_kernels
 
 DTYPE = torch.bfloat16
 if ON_GPU:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from bench.harness import ON_GPU
 from bench.shapes import MODELS, token_counts
-from kernels.linear_cross_entropy import linear_cross_entropy
+from longvl.kernels.linear_cross_entropy import linear_cross_entropy
 
 SHAPE = MODELS["qwen2.5-7b"] if ON_GPU else dict(hidden=32, vocab=101)
 TOKENS = token_counts(8192, 32768) if ON_GPU else [24]

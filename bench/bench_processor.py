@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from bench.harness import Record, save_results
-from eagle.processing.tokenizer import tiny_tokenizer
-from eagle.processing.video import decode_frames, has_decord, read_video_meta
-from eagle.processor import EagleProcessor
+from longvl.eagle.processing.tokenizer import tiny_tokenizer
+from longvl.eagle.processing.video import decode_frames, has_decord, read_video_meta
+from longvl.eagle.processor import EagleProcessor
 
 FRAMES, FPS, VIDEO_SIZE = 512, 30.0, (640, 360)
 IMAGE_SIZE = (3840, 2160)

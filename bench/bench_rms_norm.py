@@ -18,7 +18,7 @@ import torch
 
 from bench.harness import ON_GPU, measure_copy_floor
 from bench.shapes import MODELS, QUICK, token_counts
-from kernels.rms_norm import RMSNorm
+from longvl.kernels.rms_norm import RMSNorm
 
 DTYPE = torch.bfloat16
 EPS = 1e-6

@@ -19,7 +19,7 @@ import torch
 
 from bench.harness import ON_GPU, measure_copy_floor
 from bench.shapes import MODELS, QUICK, token_counts
-from kernels.rope import apply_rope
+from longvl.kernels.rope import apply_rope
 
 DTYPE = torch.bfloat16
 THETA = 1e6  # Qwen2.5's rope_theta

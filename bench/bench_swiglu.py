@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import ON_GPU
-from kernels.swiglu import SwiGLUMLP, gate_up_swiglu_gemm, swiglu, swiglu_backward, swiglu_forward
+from longvl.kernels.swiglu import SwiGLUMLP, gate_up_swiglu_gemm, swiglu, swiglu_backward, swiglu_forward
 
 DTYPE = torch.bfloat16
 if ON_GPU:

@@ -23,9 +23,9 @@ Parts:
 - pieces: at one length, what each piece buys: kernels off, offload off, selective instead of full
   activation checkpointing.
 - data (not in the default parts): the share of step time spent on data loading (goal < 5 % at 32K per GPU,
-  issue #9) with the trainer's own loader (eagle/train/data.py: offline index, spawn workers, packing, ADS)
+  issue #9) with the trainer's own loader (longvl/eagle/train/data.py: offline index, spawn workers, packing, ADS)
   on the generated dataset's video-heavy mixture (65 % video draws) with long 720p videos added, cp = 1.
-MFU follows eagle/train/metrics.py (model FLOPs, causal attention counted once, vision tower included,
+MFU follows longvl/eagle/train/metrics.py (model FLOPs, causal attention counted once, vision tower included,
 datasheet dense bf16 peak). Records: op "train_step", provider = the variant, value = tokens/s per GPU.
 """
 import argparse
@@ -37,23 +37,23 @@ import statistics
 import tempfile
 import time
 
-import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA before any kernel is defined)
+from longvl import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA before any kernel is defined)
 import torch
 import torch.distributed as dist
 
 from bench.harness import ON_GPU, Record, device_ceilings, save_results
-from eagle.data.collate import collate_pack
-from eagle.data.dataset import ProcessedPack
-from eagle.data.synthetic import generate
-from eagle.train import data as train_data
-from eagle.train.config import StageConfig, load_config
-from eagle.train.context_parallel import StageAttention
-from eagle.train.faults import NonFiniteGuard
-from eagle.train.metrics import device_peak_tflops
-from eagle.train.parallel_dims import build_fsdp_mesh, build_stage_mesh, init_distributed
-from eagle.train.trainer import (build_model, build_optimizer, check_tokenizer_fits, flops_model, prepare_model,
+from longvl.eagle.data.collate import collate_pack
+from longvl.eagle.data.dataset import ProcessedPack
+from longvl.eagle.data.synthetic import generate
+from longvl.eagle.train import data as train_data
+from longvl.eagle.train.config import StageConfig, load_config
+from longvl.eagle.train.context_parallel import StageAttention
+from longvl.eagle.train.faults import NonFiniteGuard
+from longvl.eagle.train.metrics import device_peak_tflops
+from longvl.eagle.train.parallel_dims import build_fsdp_mesh, build_stage_mesh, init_distributed
+from longvl.eagle.train.trainer import (build_model, build_optimizer, check_tokenizer_fits, flops_model, prepare_model,
                                  train_step)
-from parallel import ALGORITHMS
+from longvl.parallel import ALGORITHMS
 
 K = 1024
 

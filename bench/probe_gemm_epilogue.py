@@ -21,7 +21,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bench.harness import device_ceilings, environment
 
-swiglu_mod = importlib.import_module("kernels.swiglu")
+swiglu_mod = importlib.import_module("longvl.kernels.swiglu")
 TOKENS, HIDDEN, INTERMEDIATE = 16384, 3584, 18944
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, warp_specialize, flatten)
 CONFIGS = [(128, 256, 64, 3, 8, False, True), (128, 128, 64, 4, 8, False, True), (128, 128, 64, 4, 8, False, False),

@@ -2,8 +2,8 @@
 
 Every candidate is graph-timed (CUDA-graph replay, median), checked against the default setting's result, and
 reported as a fraction of the 1 GiB copy ceiling and of a same-size SM copy measured in the same run. The
-winners are what `_FORWARD_CONFIGS` / `_BACKWARD_CONFIGS` (kernels/rms_norm.py) and `_launch_config`
-(kernels/rope.py) encode; rerun this after changing a kernel. Writes tune_norm_rope.json to $OUT (or cwd);
+winners are what `_FORWARD_CONFIGS` / `_BACKWARD_CONFIGS` (longvl/kernels/rms_norm.py) and `_launch_config`
+(longvl/kernels/rope.py) encode; rerun this after changing a kernel. Writes tune_norm_rope.json to $OUT (or cwd);
 TUNE=norm|rope and TUNE_NORM_SHAPES=4096x3584,... narrow the sweep. Past sweeps: bench/results/tuning/.
 """
 import functools
@@ -18,10 +18,10 @@ import torch
 import triton.testing
 
 from bench.harness import copy_of, device_ceilings, environment
-from kernels._utils import multiprocessor_count, next_power_of_2
+from longvl.kernels._utils import multiprocessor_count, next_power_of_2
 
-norm_mod = importlib.import_module("kernels.rms_norm")
-rope_mod = importlib.import_module("kernels.rope")
+norm_mod = importlib.import_module("longvl.kernels.rms_norm")
+rope_mod = importlib.import_module("longvl.kernels.rope")
 DTYPE = torch.bfloat16
 NORM_SHAPES = [tuple(map(int, shape.split("x"))) for shape in
                os.environ.get("TUNE_NORM_SHAPES", "4096x3584,16384x1152,16384x3584,16384x4608,65536x3584").split(",")]

@@ -1,7 +1,7 @@
 """End to end on the synthetic dataset: generator -> index -> sampler -> workers -> collated batches.
 
 Uses the real EagleProcessor (small tiles, few tokens per tile, the built-in tokenizer) through
-eagle.data.eagle_backend, plus a wrapper that injects slow and mis-planned samples.
+longvl.eagle.data.eagle_backend, plus a wrapper that injects slow and mis-planned samples.
 """
 import json
 import os
@@ -11,20 +11,20 @@ import time
 import pytest
 import torch
 
-from eagle.data import build_indexes, build_loader
-from eagle.data.backend import BackendSpec
-from eagle.data.dataset import DatasetSource, PackDataset
-from eagle.data.index import index_path, load_index
-from eagle.data.index import main as index_main
-from eagle.data.loader import measure
-from eagle.data.mixture import load_mixture
-from eagle.data.sampler import DocRef, PackRequest
-from eagle.data.synthetic import generate
+from longvl.eagle.data import build_indexes, build_loader
+from longvl.eagle.data.backend import BackendSpec
+from longvl.eagle.data.dataset import DatasetSource, PackDataset
+from longvl.eagle.data.index import index_path, load_index
+from longvl.eagle.data.index import main as index_main
+from longvl.eagle.data.loader import measure
+from longvl.eagle.data.mixture import load_mixture
+from longvl.eagle.data.sampler import DocRef, PackRequest
+from longvl.eagle.data.synthetic import generate
 
 MAX_LENGTH = 4096
 TOKENS_PER_TILE = 16
 OPTIONS = {"tile_size": 28, "tokens_per_tile": TOKENS_PER_TILE, "max_tiles": 4, "min_frames": 2, "max_frames": 16}
-BACKEND = BackendSpec("eagle.data.eagle_backend:EagleBackend", OPTIONS)
+BACKEND = BackendSpec("longvl.eagle.data.eagle_backend:EagleBackend", OPTIONS)
 EXPECTED_BAD = {"missing_file": 1, "corrupt_media": 2, "path_escape": 1, "malformed": 1, "too_long": 1}
 
 
@@ -32,7 +32,7 @@ class FaultyBackend:
     """The real backend, except that chosen records sleep (timeouts) or come out longer than planned."""
 
     def __init__(self, slow=(), longer=(), **options):
-        from eagle.data.eagle_backend import EagleBackend
+        from longvl.eagle.data.eagle_backend import EagleBackend
         self.inner = EagleBackend(**options)
         self.slow, self.longer = set(slow), set(longer)
 
@@ -95,7 +95,7 @@ def test_index_refuses_stale_or_missing_files(dataset_dir, tmp_path):
         handle.write("\n")
     with pytest.raises(ValueError, match="stale"):
         load_index(spec, MAX_LENGTH)
-    with pytest.raises(FileNotFoundError, match="python -m eagle.data.index"):
+    with pytest.raises(FileNotFoundError, match="python -m longvl.eagle.data.index"):
         load_index(spec, 512)
     short = build_indexes(str(copy / "mixture_video_heavy.yaml"), 512, BACKEND)  # degrade sampling kicks in
     assert short["datasets"]["video"]["degraded"] > 0
@@ -191,7 +191,7 @@ def test_pack_dataset_uses_the_index_video_metadata(dataset_dir, monkeypatch):
                         index.video_meta[int(index.records[i])]) for i in range(2))
     dataset = PackDataset([DatasetSource(spec.name, spec.annotation, spec.root)], BACKEND, MAX_LENGTH)
     reads = []
-    monkeypatch.setattr("eagle.processor.read_video_meta", lambda *args, **kwargs: reads.append(args))
+    monkeypatch.setattr("longvl.eagle.processor.read_video_meta", lambda *args, **kwargs: reads.append(args))
     pack = dataset[PackRequest(docs, {})]
     assert pack.bad_samples == [] and reads == []
     assert [len(doc["input_ids"]) for doc in pack.docs] == [doc.length for doc in docs]

@@ -1,14 +1,14 @@
-"""Packing, square-root loss weights and the pack collator (eagle.data.packing / loss_weights / collate)."""
+"""Packing, square-root loss weights and the pack collator (longvl.eagle.data.packing / loss_weights / collate)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from eagle.data.collate import collate_pack
-from eagle.data.dataset import ProcessedPack
-from eagle.data.loss_weights import sqrt_document_weights, supervised_counts, token_loss_weights
-from eagle.data.packing import attention_cost, group_into_steps, pack_documents
+from longvl.eagle.data.collate import collate_pack
+from longvl.eagle.data.dataset import ProcessedPack
+from longvl.eagle.data.loss_weights import sqrt_document_weights, supervised_counts, token_loss_weights
+from longvl.eagle.data.packing import attention_cost, group_into_steps, pack_documents
 
 
 def _check_packs(packs, lengths, max_length):

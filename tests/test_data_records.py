@@ -1,13 +1,13 @@
-"""Record parsing, media path checks and mixtures (eagle.data.records, eagle.data.mixture)."""
+"""Record parsing, media path checks and mixtures (longvl.eagle.data.records, longvl.eagle.data.mixture)."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from eagle.data.bad_samples import BadSample, BadSampleLog, as_bad_sample, guarded_call
-from eagle.data.mixture import load_mixture
-from eagle.data.records import parse_line, parse_record, scan_annotation
+from longvl.eagle.data.bad_samples import BadSample, BadSampleLog, as_bad_sample, guarded_call
+from longvl.eagle.data.mixture import load_mixture
+from longvl.eagle.data.records import parse_line, parse_record, scan_annotation
 
 
 @pytest.fixture

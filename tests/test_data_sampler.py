@@ -1,13 +1,13 @@
-"""The stateful pack sampler: determinism, rank balance, exact resume, world-size changes (eagle.data.sampler)."""
+"""The stateful pack sampler: determinism, rank balance, exact resume, world-size changes (longvl.eagle.data.sampler)."""
 import itertools
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from eagle.data.index import DatasetIndex
-from eagle.data.mixture import DatasetSpec, Mixture
-from eagle.data.sampler import PackSampler
+from longvl.eagle.data.index import DatasetIndex
+from longvl.eagle.data.mixture import DatasetSpec, Mixture
+from longvl.eagle.data.sampler import PackSampler
 
 MAX_LENGTH = 4096
 

@@ -1,8 +1,8 @@
 """Automatic Degrade Sampling as a pure function: order (frames, then tiles), largest caps that fit, errors."""
 import pytest
 
-from eagle.processing.ads import degrade_to_fit
-from eagle.processing.errors import SampleTooLongError
+from longvl.eagle.processing.ads import degrade_to_fit
+from longvl.eagle.processing.errors import SampleTooLongError
 
 TEXT = 100
 

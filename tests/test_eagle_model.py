@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eagle.configuration_eagle import EagleConfig, eagle2_5_8b_config, tiny_eagle_config
-from eagle.modeling_eagle import EagleForConditionalGeneration
-from eagle.pixel_shuffle import pixel_shuffle
+from longvl.eagle.configuration_eagle import EagleConfig, eagle2_5_8b_config, tiny_eagle_config
+from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
+from longvl.eagle.pixel_shuffle import pixel_shuffle
 
 VOCAB, IMAGE_TOKEN = 96, 95
 

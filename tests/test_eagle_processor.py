@@ -6,14 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from eagle.configuration_eagle import tiny_eagle_config
-from eagle.modeling_eagle import EagleForConditionalGeneration
-from eagle.processing import image_io, video
-from eagle.processing.errors import ImageLoadError, SampleTooLongError
-from eagle.processing.template import IGNORE_INDEX
-from eagle.processing.tokenizer import (IMG_CONTEXT, QWEN2_5_SPECIAL_TOKENS, build_tiny_tokenizer, load_tokenizer,
+from longvl.eagle.configuration_eagle import tiny_eagle_config
+from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
+from longvl.eagle.processing import image_io, video
+from longvl.eagle.processing.errors import ImageLoadError, SampleTooLongError
+from longvl.eagle.processing.template import IGNORE_INDEX
+from longvl.eagle.processing.tokenizer import (IMG_CONTEXT, QWEN2_5_SPECIAL_TOKENS, build_tiny_tokenizer, load_tokenizer,
                                        tiny_tokenizer)
-from eagle.processor import EagleProcessor
+from longvl.eagle.processor import EagleProcessor
 from tests.test_eagle_video import write_video
 
 TILE, TOKENS_PER_TILE = 56, 4

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from eagle.processing.errors import ImageLoadError
-from eagle.processing.image_io import image_size, load_image
-from eagle.processing.tiling import candidate_grids, num_tiles, select_grid, tile_image
+from longvl.eagle.processing.errors import ImageLoadError
+from longvl.eagle.processing.image_io import image_size, load_image
+from longvl.eagle.processing.tiling import candidate_grids, num_tiles, select_grid, tile_image
 
 # (width, height, min_tiles, max_tiles) -> (cols, rows); the reasoning for each is in the comment.
 HAND_COMPUTED = [

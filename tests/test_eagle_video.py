@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from eagle.processing import video
-from eagle.processing.errors import VideoLoadError, VideoTimeoutError
-from eagle.processing.video import decode_frames, read_video_meta, sample_frame_indices
+from longvl.eagle.processing import video
+from longvl.eagle.processing.errors import VideoLoadError, VideoTimeoutError
+from longvl.eagle.processing.video import decode_frames, read_video_meta, sample_frame_indices
 
 HAS_DECORD = video.has_decord()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import kernels
+from longvl import kernels
 from tests.distributed import run_distributed
 
 
@@ -73,9 +73,3 @@ def test_interpreter_is_on_exactly_when_there_is_no_gpu():
     if "TRITON_INTERPRET" in os.environ and torch.cuda.is_available():
         pytest.skip("TRITON_INTERPRET set explicitly")
     assert kernels.INTERPRETED == (not torch.cuda.is_available())
-
-
-def test_transformers_does_not_mistake_us_for_hub_kernels():
-    from transformers.utils.import_utils import is_kernels_available
-
-    assert not is_kernels_available()

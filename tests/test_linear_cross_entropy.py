@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
+from longvl.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
 
-lce_module = importlib.import_module("kernels.linear_cross_entropy")  # the name `kernels.linear_cross_entropy` is the function
+lce_module = importlib.import_module("longvl.kernels.linear_cross_entropy")  # the name `longvl.kernels.linear_cross_entropy` is the function
 
 STRATEGIES = [dict(dw_accumulation="fp32", chunk_size=16), dict(dw_accumulation="weight_dtype", chunk_size=16),
               dict(dw_accumulation="per_vocab_chunk", chunk_size=48)]

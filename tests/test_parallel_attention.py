@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel import ALGORITHMS, context_parallel_attention, gather, init_cp_mesh, plan_for, shard
+from longvl.parallel import ALGORITHMS, context_parallel_attention, gather, init_cp_mesh, plan_for, shard
 from tests.distributed import run_distributed
 
 FP32_TOL = 2e-5  # max abs error of fp32 blocks merged in fp32, inputs ~N(0, 1), outputs O(1)
@@ -92,7 +92,7 @@ def test_hung_collective_fails_within_timeout():
 
 
 def test_automatic_choice():
-    from parallel import CPGroups, choose_algorithm
+    from longvl.parallel import CPGroups, choose_algorithm
 
     groups = lambda ring, ulysses: CPGroups(None, None, None, ring, ulysses)
     assert choose_algorithm(groups(1, 4), 28, 4) == "ulysses"

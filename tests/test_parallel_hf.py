@@ -6,8 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from parallel import gather, init_cp_mesh, plan_for, shard
-from parallel.hf import ATTENTION_NAME, cp_context
+from longvl.parallel import gather, init_cp_mesh, plan_for, shard
+from longvl.parallel.hf import ATTENTION_NAME, cp_context
 from tests.distributed import run_distributed
 
 TOL = dict(atol=2e-5, rtol=2e-5)  # fp32 model; CP changes only the summation order
@@ -69,8 +69,8 @@ def _eagle_embeddings(model, ids, pixels):
 
 
 def _compare_eagle(rank, groups):
-    from eagle.configuration_eagle import tiny_eagle_config
-    from eagle.modeling_eagle import EagleForConditionalGeneration
+    from longvl.eagle.configuration_eagle import tiny_eagle_config
+    from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
 
     image_token = 99
     torch.manual_seed(2)

@@ -6,7 +6,7 @@ backend (cuDNN, flash, memory-efficient) is checked in bf16, dense and ragged, c
 import pytest
 import torch
 
-from parallel.local_attention import attention_backward, attention_forward
+from longvl.parallel.local_attention import attention_backward, attention_forward
 
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # bf16 inputs, outputs O(1); kernels accumulate in fp32
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -79,7 +79,7 @@ def test_gpu_backends_match_reference(backend):
 def test_per_sequence_loop_matches_ragged_reference(monkeypatch):
     """The cuDNN backend runs packed batches one sequence at a time; with the reference kernel standing in
     for cuDNN (CPU), the loop must equal ragged reference attention, forward and backward."""
-    import parallel.local_attention as la
+    import longvl.parallel.local_attention as la
 
     def dense_forward(q, k, v, causal, scale):
         out, lse = la._reference_forward(q, k, v, causal, scale, None, None)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from parallel import LocalDocs, plan_sequence, shard, unshard
+from longvl.parallel import LocalDocs, plan_sequence, shard, unshard
 
 
 @pytest.mark.parametrize("lengths,world,ulysses", [(64, 4, 1), ([37], 2, 1), ([5, 1, 19, 3], 4, 2),

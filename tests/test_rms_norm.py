@@ -4,7 +4,7 @@ same tests run at real hidden sizes."""
 import pytest
 import torch
 
-from kernels.rms_norm import RMSNorm, rms_norm
+from longvl.kernels.rms_norm import RMSNorm, rms_norm
 
 # (atol, rtol) per dtype: bf16 / fp16 outputs are rounded once (llama: twice) from fp32 math.
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}

@@ -4,7 +4,7 @@ propagation and bad input. CPU sizes are small (interpreter); on a GPU the same 
 import pytest
 import torch
 
-from kernels.rope import apply_rope
+from longvl.kernels.rope import apply_rope
 
 # (atol, rtol) per dtype: the rotation runs in fp32 and rounds once.
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels.swiglu import SwiGLUMLP, swiglu, swiglu_mlp
+from longvl.kernels.swiglu import SwiGLUMLP, swiglu, swiglu_mlp
 from tests.distributed import run_distributed
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

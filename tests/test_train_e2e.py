@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eagle.train.config import CONFIG_DIR
-from eagle.train.metrics import read_jsonl
+from longvl.eagle.train.config import CONFIG_DIR
+from longvl.eagle.train.metrics import read_jsonl
 from tests.distributed import free_port, run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from eagle.data.synthetic import generate
+    from longvl.eagle.data.synthetic import generate
 
     folder = tmp_path_factory.mktemp("train_data")
     generate(str(folder), num=48, seed=0)
@@ -46,9 +46,9 @@ def write_config(folder: Path, data_dir: Path, stages: list, **sections) -> Path
 
 
 def _train(rank, world, config_path):
-    import kernels  # noqa: F401
-    from eagle.train.config import load_config
-    from eagle.train.trainer import train
+    from longvl import kernels  # noqa: F401
+    from longvl.eagle.train.config import load_config
+    from longvl.eagle.train.trainer import train
 
     train(load_config(config_path))
 
@@ -101,7 +101,7 @@ def _torchrun(config: Path, nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
     else:
         command += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--master-addr=127.0.0.1",
                     f"--master-port={port}"]
-    command += ["-m", "eagle.train", "--config", str(config)]
+    command += ["-m", "longvl.eagle.train", "--config", str(config)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -169,13 +169,13 @@ def test_two_node_launch_then_kill9_resume_is_bitwise_identical(tmp_path, data_d
 
 
 def _train_with_nan(rank, world, config_path, nan_calls, expect_stop):
-    import kernels  # noqa: F401
+    from longvl import kernels  # noqa: F401
     import torch
 
-    from eagle.train import forward
-    from eagle.train.config import load_config
-    from eagle.train.faults import NonFiniteStop
-    from eagle.train.trainer import train
+    from longvl.eagle.train import forward
+    from longvl.eagle.train.config import load_config
+    from longvl.eagle.train.faults import NonFiniteStop
+    from longvl.eagle.train.trainer import train
 
     original, calls = forward.EagleTrainingForward.forward, {"n": 0}
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from eagle.train import metrics as metrics_mod
-from eagle.train.config import StageConfig, load_config, parse_overrides
-from eagle.train.faults import NonFiniteGuard, NonFiniteStop
-from eagle.train.offload import CPUOffloadHooks, apply_activation_checkpointing
-from eagle.train.trainer import learning_rate, stage_steps
+from longvl.eagle.train import metrics as metrics_mod
+from longvl.eagle.train.config import StageConfig, load_config, parse_overrides
+from longvl.eagle.train.faults import NonFiniteGuard, NonFiniteStop
+from longvl.eagle.train.offload import CPUOffloadHooks, apply_activation_checkpointing
+from longvl.eagle.train.trainer import learning_rate, stage_steps
 from tests.distributed import run_distributed
 
 
@@ -140,8 +140,8 @@ _KILL_MID_SAVE = textwrap.dedent("""
     import os, signal, sys, torch, torch.distributed as dist
     import torch.distributed.checkpoint.filesystem as fs
     from torch.distributed.fsdp import fully_shard
-    from eagle.train.checkpoint import Checkpointer
-    from eagle.train.parallel_dims import init_distributed
+    from longvl.eagle.train.checkpoint import Checkpointer
+    from longvl.eagle.train.parallel_dims import init_distributed
     init_distributed()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
@@ -164,7 +164,7 @@ _KILL_MID_SAVE = textwrap.dedent("""
 
 def _load_latest(rank, world, root):
     from torch.distributed.fsdp import fully_shard
-    from eagle.train.checkpoint import Checkpointer
+    from longvl.eagle.train.checkpoint import Checkpointer
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
     fully_shard(model)
@@ -191,7 +191,7 @@ def test_checkpoint_killed_mid_save_is_never_loaded(tmp_path):
 
 
 def test_checkpoint_without_marker_refused(tmp_path):
-    from eagle.train.checkpoint import MARKER, Checkpointer, complete_checkpoints
+    from longvl.eagle.train.checkpoint import MARKER, Checkpointer, complete_checkpoints
 
     (tmp_path / "step-00000005").mkdir()
     (tmp_path / "step-00000005" / ".metadata").write_text("looks like DCP")
@@ -204,10 +204,10 @@ def test_checkpoint_without_marker_refused(tmp_path):
 
 def _export_tiny_eagle(rank, world, out_dir):
     from torch.distributed.fsdp import fully_shard
-    from eagle.configuration_eagle import tiny_eagle_config
-    from eagle.modeling_eagle import EagleForConditionalGeneration
-    from eagle.train.checkpoint import export_hf
-    from eagle.train.forward import EagleTrainingForward
+    from longvl.eagle.configuration_eagle import tiny_eagle_config
+    from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
+    from longvl.eagle.train.checkpoint import export_hf
+    from longvl.eagle.train.forward import EagleTrainingForward
 
     torch.manual_seed(0)
     model = EagleForConditionalGeneration(tiny_eagle_config(vocab_size=96, image_token_index=95))
@@ -224,7 +224,7 @@ def _export_tiny_eagle(rank, world, out_dir):
 def test_export_hf_released_layout(tmp_path):
     from safetensors.torch import load_file
 
-    from eagle.modeling_eagle import EagleForConditionalGeneration
+    from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
 
     reference = run_distributed(_export_tiny_eagle, 2, str(tmp_path), timeout=150)[0]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -245,9 +245,9 @@ def test_export_hf_released_layout(tmp_path):
 
 # --- the training forward with our kernels --------------------------------------------------------------------
 def _tiny_forward_loss_and_grads(use_kernels):
-    from eagle.configuration_eagle import tiny_eagle_config
-    from eagle.modeling_eagle import EagleForConditionalGeneration
-    from eagle.train.forward import EagleTrainingForward
+    from longvl.eagle.configuration_eagle import tiny_eagle_config
+    from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
+    from longvl.eagle.train.forward import EagleTrainingForward
 
     torch.manual_seed(0)
     config = tiny_eagle_config(vocab_size=96, image_token_index=95)
@@ -284,7 +284,7 @@ def test_training_forward_with_kernels_matches_eager():
 
 
 def test_oom_is_reported_with_stage_and_length():
-    from eagle.train.faults import report_oom
+    from longvl.eagle.train.faults import report_oom
 
     with pytest.raises(torch.OutOfMemoryError, match=r"stage '64k' \(max_length 65536, this pack 60000 tokens, "
                                                      r"30000 per rank with cp=2"):

@@ -1,2 +1,0 @@
-"""The progressive long-context trainer (`python -m eagle.train --config demo`): config, meshes, checkpoints,
-metrics, activation offload and the training loop over FSDP2 x context parallelism."""

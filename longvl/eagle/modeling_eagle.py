@@ -1,0 +1,158 @@
+"""Eagle 2.5: SigLIP vision tower -> pixel shuffle -> `mlp1` -> spliced into a causal LM at `<IMG_CONTEXT>`.
+
+Module names follow the released checkpoint (SPEC §2) so its safetensors shards load with no key mapping:
+`vision_model.vision_model.*` (SigLIP), `mlp1.{0,1,3}.*` (LayerNorm, Linear, GELU, Linear) and
+`language_model.{model,lm_head}.*` (a plain Hugging Face causal LM, so kernel patches and context-parallel
+attention apply to it unchanged).
+
+For the trainer: `extract_features(pixel_values)` runs any subset of tiles (e.g. one context-parallel rank's
+share) and `forward(..., image_features=...)` splices features computed elsewhere, in `<IMG_CONTEXT>` order.
+"""
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel, SiglipVisionModel
+
+from longvl.eagle.configuration_eagle import EagleConfig
+from longvl.eagle.pixel_shuffle import pixel_shuffle
+
+
+def _as_model_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if pixels.dtype == torch.uint8:
+        return pixels.to(dtype).mul_(1 / 127.5).sub_(1.0)
+    return pixels.to(dtype)
+
+
+class EagleVisionTower(nn.Module):
+    """Holds the SigLIP model one level down, so parameter names read `vision_model.vision_model.*` as released."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.vision_model = SiglipVisionModel(config)
+
+    def forward(self, pixel_values: torch.Tensor, select_layer: int) -> torch.Tensor:
+        """(tiles, 3, s, s) -> (tiles, cells, C): the post-layernorm output for -1, else that hidden state."""
+        if select_layer == -1:
+            return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        hidden = self.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        return hidden[select_layer]
+
+
+class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """The whole model: save_pretrained / from_pretrained in the released layout, forward with labels, generate."""
+
+    config_class = EagleConfig
+    config: EagleConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    # Checkpoints that ship SigLIP's unused pooling head load fine without it.
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.vision_model\.head\."]
+
+    def __init__(self, config: EagleConfig):
+        super().__init__(config)
+        self.vision_model = EagleVisionTower(config.vision_config)
+        merged = config.vision_config.hidden_size * config.shuffle_factor ** 2
+        hidden = config.text_config.hidden_size
+        self.mlp1 = nn.Sequential(nn.LayerNorm(merged), nn.Linear(merged, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # --- embeddings: the language model's --------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def apply_kernels(self, **which):
+        """Swap in our Triton RMSNorm / RoPE / SwiGLU / linear+CE (longvl.kernels.apply_kernels); returns self."""
+        from longvl import kernels
+
+        return kernels.apply_kernels(self, **which)
+
+    # --- vision ----------------------------------------------------------------------------------------------
+    def extract_features(self, pixel_values: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
+        """(tiles, 3, s, s) -> (tiles, tokens_per_tile, hidden), `micro_batch` tiles at a time to bound memory.
+
+        Pixels are normalised floats, or raw uint8 from `EagleProcessor(pixel_dtype=torch.uint8)`, normalised
+        here (mean 0.5, std 0.5) one micro-batch at a time."""
+        size = self.config.force_image_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, size, size):
+            raise ValueError(f"pixel_values must be (tiles, 3, {size}, {size}), got {tuple(pixel_values.shape)}")
+        dtype = self.mlp1[1].weight.dtype
+        if pixel_values.shape[0] == 0:  # text-only sample
+            return pixel_values.new_zeros(0, self.config.tokens_per_tile, self.config.text_config.hidden_size,
+                                          dtype=dtype)
+        micro_batch = micro_batch or self.config.vision_micro_batch or pixel_values.shape[0]
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        chunks = [self._features(_as_model_pixels(chunk, dtype)) for chunk in pixel_values.split(micro_batch)]
+        return torch.cat(chunks)
+
+    def _features(self, pixel_values):
+        cells = self.vision_model(pixel_values, self.config.select_layer)
+        if self.config.use_pixel_shuffle:
+            cells = pixel_shuffle(cells, self.config.shuffle_factor)
+        return self.mlp1(cells)
+
+    def splice_image_features(self, input_ids, inputs_embeds, image_features):
+        """Write the features over the `<IMG_CONTEXT>` embeddings, in order; the counts must match exactly."""
+        mask = input_ids == self.config.image_token_index
+        features = image_features.reshape(-1, inputs_embeds.shape[-1])
+        slots = int(mask.sum())
+        if slots != features.shape[0]:
+            raise ValueError(f"{slots} <IMG_CONTEXT> tokens (id {self.config.image_token_index}) in input_ids but "
+                             f"{features.shape[0]} image feature vectors ({self.config.tokens_per_tile} per tile): "
+                             "the processor's placeholders and the pixel tiles disagree")
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
+
+    # --- forward / generate ----------------------------------------------------------------------------------
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                inputs_embeds=None, labels=None, image_flags=None, image_features=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        """Splice vision features into the text embeddings, then run the language model.
+
+        `image_flags` (one per tile, 0 for padding tiles of text-only samples) keeps flagged-off tiles out of
+        the sequence while their features still join the graph with weight 0, so every rank's vision tower
+        gets a gradient (FSDP needs it). `image_features` replaces `pixel_values` when computed elsewhere. The
+        KV cache travels in kwargs under whichever name the installed transformers uses.
+        """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_features = self.extract_features(pixel_values)
+        if image_features is not None:
+            if input_ids is None:
+                raise ValueError("splicing image features needs input_ids to find the <IMG_CONTEXT> positions")
+            if image_flags is not None:
+                keep = image_flags.reshape(-1).bool()
+                if keep.numel() != image_features.shape[0]:
+                    raise ValueError(f"image_flags has {keep.numel()} entries for {image_features.shape[0]} tiles")
+                inputs_embeds = inputs_embeds + 0 * image_features[~keep].sum().to(inputs_embeds.dtype)
+                image_features = image_features[keep]
+            inputs_embeds = self.splice_image_features(input_ids, inputs_embeds, image_features)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
+        """Vision inputs belong to the prompt only: decoding steps carry no `<IMG_CONTEXT>` tokens."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("pixel_values", "image_features", "image_flags"):
+                inputs.pop(key, None)
+        return inputs
