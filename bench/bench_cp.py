@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from bench.harness import Record, device_ceilings, save_results
 from longvl.parallel import ALGORITHMS, context_parallel_attention, gather, init_cp_mesh, plan_for, shard
-from longvl.parallel.local_attention import attention_backward, attention_forward
+from longvl.parallel.block_attention import attention_backward, attention_forward
 
 Q_HEADS, KV_HEADS, DIM = 28, 4, 128
 OP = "cp_attention.fwd_bwd"

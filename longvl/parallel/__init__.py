@@ -8,7 +8,7 @@
 Layout: (batch, sequence, heads, head_dim); packed batches have batch 1.
 """
 from longvl.parallel.attention import ALGORITHMS, choose_algorithm, context_parallel_attention, plan_for
-from longvl.parallel.local_attention import attention_backward, attention_forward
+from longvl.parallel.block_attention import attention_backward, attention_forward
 from longvl.parallel.mesh import CPGroups, init_cp_mesh
 from longvl.parallel.sharding import LocalDocs, ShardPlan, gather, plan_sequence, shard, unshard
 

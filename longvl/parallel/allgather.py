@@ -12,9 +12,9 @@ whose dK/dV go back to their owners with one fp32 reduce-scatter per head group.
 import torch
 import torch.distributed as dist
 
-from longvl.parallel.blocks import add_rows, take
+from longvl.parallel.rows import add_rows, take
 from longvl.parallel.comm import all_gather_async, reduce_scatter_async
-from longvl.parallel.local_attention import attention_backward, attention_forward
+from longvl.parallel.block_attention import attention_backward, attention_forward
 from longvl.parallel.merge import merge_block
 
 

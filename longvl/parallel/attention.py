@@ -27,9 +27,12 @@ import dataclasses
 
 import torch
 
-from longvl.parallel.hybrid import hybrid_attention
+from longvl.parallel.allgather import allgather_attention
+from longvl.parallel.block_attention import block_attention
 from longvl.parallel.mesh import CPGroups
-from longvl.parallel.sharding import plan_sequence
+from longvl.parallel.ring import ring_attention
+from longvl.parallel.sharding import LocalDocs, plan_sequence
+from longvl.parallel.ulysses import ulysses_attention
 
 ALGORITHMS = ("ring", "allgather", "ulysses", "hybrid_ring", "hybrid_allgather")
 
@@ -82,8 +85,20 @@ def context_parallel_attention(q, k, v, *, groups: CPGroups, algorithm="auto", c
     Returns (B, S_local, Hq, D). Differentiable in q, k and v.
     """
     algorithm = resolve(algorithm, groups, q.shape[2], k.shape[2])
-    inner = "allgather" if algorithm.endswith("allgather") else "ring"
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    return hybrid_attention(q, k, v, _layout(algorithm, groups), inner=inner, causal=causal, scale=scale,
-                            cu_seqlens=cu_seqlens, backend=backend)
+    layout = _layout(algorithm, groups)
+    across_ring = allgather_attention if algorithm.endswith("allgather") else ring_attention
+
+    # Two levels (USP): Ulysses over the mesh's neighbouring ranks turns each rank's shard into its ring rank's
+    # whole zigzag-local sequence for H/U heads (`sharding` makes a ring rank's U shards contiguous), then the
+    # ring or all-gather algorithm runs across ring ranks on those heads. Either level may be of size 1.
+    def over_ring(q, k, v):
+        docs = LocalDocs.build(q.shape[1], layout.ring_size, cu_seqlens, q.device)
+        if layout.ring_size == 1:
+            return block_attention(q, k, v, causal=causal, scale=scale, varlen=docs.varlen(2, 2), backend=backend)
+        return across_ring(q, k, v, layout.ring, docs, causal=causal, scale=scale, backend=backend)
+
+    if layout.ulysses_size == 1:
+        return over_ring(q, k, v)
+    return ulysses_attention(q, k, v, layout.ulysses, layout.ulysses_size, over_ring)

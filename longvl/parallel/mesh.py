@@ -1,9 +1,8 @@
 """Process groups for context parallelism, as a DeviceMesh that FSDP2 can share.
 
 Mesh dims ("dp", "ring", "ulysses"), row-major, so Ulysses ranks are neighbours (the all-to-all stays on
-the fastest links) and ring ranks are strided. Flattened views: "cp" = ring x ulysses (the context-parallel
-group; CP rank = ring_rank * ulysses + ulysses_rank, the order `sharding` uses) and "dp_cp" = all of them
-(FSDP2 shards parameters over data and context parallel ranks alike, as torchtitan does).
+the fastest links) and ring ranks are strided. The flattened view "cp" = ring x ulysses is the
+context-parallel group (CP rank = ring_rank * ulysses + ulysses_rank, the order `sharding` uses).
 """
 import dataclasses
 
@@ -40,7 +39,6 @@ def init_cp_mesh(device_type, cp_size, ulysses_size=1, dp_size=None) -> tuple[De
     mesh = init_device_mesh(device_type, (dp_size, ring_size, ulysses_size),
                             mesh_dim_names=("dp", "ring", "ulysses"))
     cp_mesh = mesh["ring", "ulysses"]._flatten("cp")
-    mesh["dp", "ring", "ulysses"]._flatten("dp_cp")
     groups = CPGroups(cp_mesh.get_group(), mesh["ring"].get_group(), mesh["ulysses"].get_group(), ring_size,
                       ulysses_size)
     return mesh, groups

@@ -12,9 +12,9 @@ the KV and ends on the rank that owns the block after a last hop.
 import torch
 import torch.distributed as dist
 
-from longvl.parallel.blocks import add_rows, take
+from longvl.parallel.rows import add_rows, take
 from longvl.parallel.comm import RingExchange
-from longvl.parallel.local_attention import attention_backward, attention_forward
+from longvl.parallel.block_attention import attention_backward, attention_forward
 from longvl.parallel.merge import merge_block
 
 

@@ -1,8 +1,11 @@
-"""One attention block on one GPU, returning the log-sum-exp that context parallelism needs to merge blocks.
+"""Attention over one block of the sequence on one GPU, returning the log-sum-exp that context parallelism
+needs to merge blocks.
 
-Every context-parallel algorithm calls `attention_forward` / `attention_backward` on blocks of the sequence.
-The backward takes the *final* (merged) output and log-sum-exp, not the block's own, so that the block
-gradients sum to the exact gradient (the flash-attention backward identity).
+Every context-parallel algorithm calls `attention_forward` / `attention_backward` on blocks of the sequence;
+`block_attention` wraps the pair as an autograd function for a rank that holds whole documents (no context
+parallelism, or after the Ulysses exchange). The backward takes the *final* (merged) output and
+log-sum-exp, not the block's own, so that the block gradients sum to the exact gradient (the
+flash-attention backward identity).
 
 Layout: q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), Hq a multiple of Hkv (GQA). Returns out (B, Sq, Hq, D) in
 q's dtype and lse (B, Sq, Hq) in fp32. Packed batches pass `cu_seqlens_q` / `cu_seqlens_k` (int32 cumulative
@@ -10,21 +13,29 @@ lengths, B == 1): sequence i of q attends only to sequence i of k. `causal` is b
 sequence (row i of a length-m query against n keys sees keys j <= i + n - m); the algorithms here only use
 it on square blocks, where every backend agrees.
 
-Backends (`backend=`): "cudnn" (aten's cuDNN SDPA; fastest on H200; packed batches as one call per
-sequence), "flash" (aten's flash-attention 2, dense and varlen, GQA-native), "efficient" (aten's
-memory-efficient kernel, dense only), "reference"
-(fp32 PyTorch with an explicit mask: CPU and tests). "auto" picks "reference" on CPU and `GPU_DEFAULT`
-on a GPU. flash-attn is not installed in our environments, so no path depends on it.
+Backends (`backend=`) and the dtypes they compute in (`BACKEND_DTYPES`):
+- "cudnn": aten's cuDNN SDPA, bf16 / fp16; packed batches as one call per sequence.
+- "flash": aten's flash-attention 2, bf16 / fp16, dense and varlen, GQA-native.
+- "efficient": aten's memory-efficient kernel, fp32 / bf16 / fp16; packed batches one call per sequence.
+- "reference": PyTorch math with an explicit mask, in fp32 (float64 kept): CPU and tests.
+"auto" takes "reference" on CPU; on a GPU "cudnn" for bf16 / fp16 and "efficient" for fp32. A backend asked
+for a dtype it cannot compute raises ValueError: cuDNN's SDPA fed fp32 does not refuse, it returns garbage.
+flash-attn is not installed in our environments, so no path depends on it.
 """
 import dataclasses
 
 import torch
 
-# H200, bf16, 28/4 heads, d 128, causal fwd+bwd (bench/results/attention_backends_*.json): cuDNN 510 / 538
-# TFLOP/s at 8K / 32K tokens, flash 293 / 325, efficient 131 / 144; on packed documents one cuDNN call per
-# document beat flash's varlen kernel in every context-parallel run (bench/results/cp_attention_w*.json).
-GPU_DEFAULT = "cudnn"
-_BACKENDS = ("cudnn", "flash", "efficient", "reference")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# What each backend computes in. The GPU choice for half precision is cuDNN, the fastest of the three in
+# bench/results/attention_backends_*.json.
+BACKEND_DTYPES = {
+    "cudnn": HALF_DTYPES,
+    "flash": HALF_DTYPES,
+    "efficient": (torch.float32,) + HALF_DTYPES,
+    "reference": (torch.float64, torch.float32) + HALF_DTYPES,
+}
+_BACKENDS = tuple(BACKEND_DTYPES)
 
 
 @dataclasses.dataclass
@@ -53,12 +64,21 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k):
                              f"sequences have {q.shape[1]} / {k.shape[1]} tokens")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs `dtype` tensors on `device`: "auto" picks one, an explicit one must fit."""
     if backend not in ("auto",) + _BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {('auto',) + _BACKENDS}")
-    if backend != "auto":
-        return backend
-    return GPU_DEFAULT if device.type == "cuda" else "reference"
+    if backend == "auto":
+        if device.type != "cuda":
+            return "reference"
+        return "cudnn" if dtype in HALF_DTYPES else "efficient"
+    if dtype not in BACKEND_DTYPES[backend]:
+        fits = [name for name, dtypes in BACKEND_DTYPES.items() if dtype in dtypes]
+        raise ValueError(f"the {backend} attention backend does not compute in {dtype}; backends for {dtype}: "
+                         f"{fits} (or backend='auto')")
+    if backend != "reference" and device.type != "cuda":
+        raise ValueError(f"the {backend} attention backend runs on CUDA tensors, got {device}; use 'reference'")
+    return backend
 
 
 # ---------------------------------------------------------------- reference (fp32, explicit mask)
@@ -175,23 +195,13 @@ def _cudnn_forward(q, k, v, causal, scale, varlen):
     if varlen is None:
         out, lse, extras = _cudnn_dense_forward(q, k, v, causal, scale)
         return out, lse, BlockAux("cudnn", (extras,))
-    out = torch.empty_like(q)
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    all_extras = []
-    for (a, b), (c, d) in varlen.segments():
-        out[:, a:b], lse[:, a:b], extras = _cudnn_dense_forward(q[:, a:b], k[:, c:d], v[:, c:d], causal, scale)
-        all_extras.append(extras)
-    return out, lse, BlockAux("cudnn", tuple(all_extras))
+    return _per_sequence_forward(_cudnn_dense_forward, "cudnn", q, k, v, causal, scale, varlen)
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, varlen, aux):
     if varlen is None:
         return _cudnn_dense_backward(dout, q, k, v, out, lse, causal, scale, aux.extras[0])
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for ((a, b), (c, d)), extras in zip(varlen.segments(), aux.extras):
-        dq[:, a:b], dk[:, c:d], dv[:, c:d] = _cudnn_dense_backward(
-            dout[:, a:b], q[:, a:b], k[:, c:d], v[:, c:d], out[:, a:b], lse[:, a:b], causal, scale, extras)
-    return dq, dk, dv
+    return _per_sequence_backward(_cudnn_dense_backward, dout, q, k, v, out, lse, causal, scale, varlen, aux)
 
 
 def _flash_forward(q, k, v, causal, scale, varlen):
@@ -216,21 +226,51 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale, varlen, aux):
     return tuple(g.unsqueeze(0) for g in grads)
 
 
+def _per_sequence_forward(dense_forward, backend, q, k, v, causal, scale, varlen):
+    """Packed batches as one dense call per sequence (`dense_forward` -> (out, lse, extras))."""
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    all_extras = []
+    for (a, b), (c, d) in varlen.segments():
+        out[:, a:b], lse[:, a:b], extras = dense_forward(q[:, a:b], k[:, c:d], v[:, c:d], causal, scale)
+        all_extras.append(extras)
+    return out, lse, BlockAux(backend, tuple(all_extras))
+
+
+def _per_sequence_backward(dense_backward, dout, q, k, v, out, lse, causal, scale, varlen, aux):
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for ((a, b), (c, d)), extras in zip(varlen.segments(), aux.extras):
+        dq[:, a:b], dk[:, c:d], dv[:, c:d] = dense_backward(
+            dout[:, a:b], q[:, a:b], k[:, c:d], v[:, c:d], out[:, a:b], lse[:, a:b], causal, scale, extras)
+    return dq, dk, dv
+
+
 def _efficient_forward(q, k, v, causal, scale, varlen):
-    if varlen is not None:
-        raise ValueError("the memory-efficient backend is wired for dense batches only; use cudnn or flash")
+    if varlen is None:
+        out, lse, extras = _efficient_dense_forward(q, k, v, causal, scale)
+        return out, lse, BlockAux("efficient", (extras,))
+    return _per_sequence_forward(_efficient_dense_forward, "efficient", q, k, v, causal, scale, varlen)
+
+
+def _efficient_backward(dout, q, k, v, out, lse, causal, scale, varlen, aux):
+    if varlen is None:
+        return _efficient_dense_backward(dout, q, k, v, out, lse, causal, scale, aux.extras[0])
+    return _per_sequence_backward(_efficient_dense_backward, dout, q, k, v, out, lse, causal, scale, varlen, aux)
+
+
+def _efficient_dense_forward(q, k, v, causal, scale):
     groups = q.shape[2] // k.shape[2]
     k, v = _expand_kv(k, groups), _expand_kv(v, groups)
     mask_type = 1 if causal else 0  # 1 = top-left causal, equal to ours on the square blocks we use
     out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward(
         q, k, v, None, None, None, None, None, 0.0, mask_type, True, scale=scale)
-    return out, lse[:, :, : q.shape[1]].transpose(1, 2), BlockAux("efficient", (seed, offset, tuple(lse.shape)))
+    return out, lse[:, :, : q.shape[1]].transpose(1, 2), (seed, offset, tuple(lse.shape))
 
 
-def _efficient_backward(dout, q, k, v, out, lse, causal, scale, varlen, aux):
+def _efficient_dense_backward(dout, q, k, v, out, lse, causal, scale, extras):
     groups = q.shape[2] // k.shape[2]
     ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
-    seed, offset, lse_shape = aux.extras
+    seed, offset, lse_shape = extras
     kernel_lse = lse.new_zeros(lse_shape)  # the kernel pads the sequence dimension of its lse
     kernel_lse[:, :, : q.shape[1]] = lse.transpose(1, 2)
     dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
@@ -263,7 +303,7 @@ def attention_forward(q, k, v, *, causal, scale=None, cu_seqlens_q=None, cu_seql
     """
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
         out, lse = _reference_forward(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k)
         return out, lse, BlockAux("reference")
@@ -283,3 +323,27 @@ def attention_backward(dout, q, k, v, out, lse, aux, *, causal, scale=None, cu_s
         return _reference_backward(dout, q, k, v, out, lse, causal, scale, cu_seqlens_q, cu_seqlens_k)
     varlen = _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqlens_q, seqlens_k)
     return _BACKWARD[aux.backend](dout, q, k, v, out, lse, causal, scale, varlen, aux)
+
+
+class BlockAttention(torch.autograd.Function):
+    """`attention_forward` / `attention_backward` as one differentiable call over whole (local) documents."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, varlen, backend):
+        out, lse, aux = attention_forward(q, k, v, causal=causal, scale=scale, backend=backend, **varlen)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (aux, causal, scale, varlen)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        aux, causal, scale, varlen = ctx.args
+        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, aux, causal=causal, scale=scale,
+                                        **varlen)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def block_attention(q, k, v, *, causal=True, scale=None, varlen=None, backend="auto"):
+    """Differentiable attention of q over k, v on this rank; `varlen`: `attention_forward`'s packed kwargs."""
+    return BlockAttention.apply(q, k, v, causal, scale, varlen or {}, backend)

@@ -1,15 +1,20 @@
 """The single-block attention backends against float64 attention, forward and backward.
 
 On CPU only the fp32 reference path runs (its hand-written backward against autograd); on a GPU every aten
-backend (cuDNN, flash, memory-efficient) is checked in bf16, dense and ragged, causal and full, GQA.
+backend (cuDNN, flash, memory-efficient) is checked in each dtype it computes in, dense and ragged, causal and
+full, GQA, and "auto" must give a finite, exact result for every floating dtype (cuDNN fed fp32 returns
+garbage without an error, which once made the fp32 trainer's loss NaN from step 1).
 """
 import pytest
 import torch
 
-from longvl.parallel.local_attention import attention_backward, attention_forward
+from longvl.parallel.block_attention import attention_backward, attention_forward
 
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # bf16 inputs, outputs O(1); kernels accumulate in fp32
+FP16_TOL = dict(atol=5e-3, rtol=5e-3)
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+FP32_GPU_TOL = dict(atol=1e-4, rtol=1e-4)  # fp32 GPU kernels (no tf32 inside attention)
+GPU_TOL = {torch.bfloat16: BF16_TOL, torch.float16: FP16_TOL, torch.float32: FP32_GPU_TOL}
 
 
 def _inputs(device, dtype, sq, sk, q_heads=28, kv_heads=4, dim=64):
@@ -58,28 +63,64 @@ def test_bad_input_raises():
         attention_forward(q, k[:, :, :1], v[:, :, :1], causal=True, backend="tpu")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])
-def test_gpu_backends_match_reference(backend):
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_a_backend_refuses_a_dtype_it_cannot_compute(backend):
+    q, k, v, _ = _inputs("cpu", torch.float32, 8, 8, q_heads=4, kv_heads=2, dim=8)
+    with pytest.raises(ValueError, match=f"the {backend} attention backend does not compute in torch.float32"):
+        attention_forward(q, k, v, causal=True, backend=backend)
+
+
+def test_auto_picks_a_backend_for_every_dtype():
+    from longvl.parallel.block_attention import BACKEND_DTYPES, resolve_backend
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert resolve_backend("auto", torch.device("cpu"), dtype) == "reference"
+        chosen = resolve_backend("auto", torch.device("cuda"), dtype)
+        assert dtype in BACKEND_DTYPES[chosen], (dtype, chosen)
+    assert resolve_backend("auto", torch.device("cuda"), torch.float32) == "efficient"
+
+
+def _check_gpu_backend(backend, dtype):
     for name, sq, sk, causal, cu_q, cu_k in _cases(torch.device("cuda")):
-        if backend == "efficient" and cu_q is not None:
-            continue  # dense only
-        q, k, v, dout = _inputs("cuda", torch.bfloat16, sq, sk)
+        q, k, v, dout = _inputs("cuda", dtype, sq, sk)
         out, lse, *grads = _exact(q, k, v, dout, causal, cu_q, cu_k)
         mine_out, mine_lse, aux = attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                                     backend=backend)
         mine = attention_backward(dout, q, k, v, mine_out, mine_lse, aux, causal=causal, cu_seqlens_q=cu_q,
                                   cu_seqlens_k=cu_k)
-        torch.testing.assert_close(mine_out.double(), out, **BF16_TOL, msg=f"{backend} {name} out")
-        torch.testing.assert_close(mine_lse.double(), lse, **BF16_TOL, msg=f"{backend} {name} lse")
+        tol = GPU_TOL[dtype]
+        label = f"{backend} {dtype} {name}"
+        assert mine_out.dtype == dtype and torch.isfinite(mine_out).all(), label
+        torch.testing.assert_close(mine_out.double(), out, **tol, msg=f"{label} out")
+        torch.testing.assert_close(mine_lse.double(), lse, **tol, msg=f"{label} lse")
         for got, want, what in zip(mine, grads, "qkv"):
-            torch.testing.assert_close(got.double(), want, **BF16_TOL, msg=f"{backend} {name} d{what}")
+            torch.testing.assert_close(got.double(), want, **tol, msg=f"{label} d{what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_backends_match_reference(backend, dtype):
+    from longvl.parallel.block_attention import BACKEND_DTYPES
+
+    if dtype not in BACKEND_DTYPES[backend]:
+        q, k, v, _ = _inputs("cuda", dtype, 16, 16)
+        with pytest.raises(ValueError, match="does not compute in"):
+            attention_forward(q, k, v, causal=True, backend=backend)
+        return
+    _check_gpu_backend(backend, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_auto_backend_is_exact_for_every_dtype(dtype):
+    _check_gpu_backend("auto", dtype)
 
 
 def test_per_sequence_loop_matches_ragged_reference(monkeypatch):
     """The cuDNN backend runs packed batches one sequence at a time; with the reference kernel standing in
     for cuDNN (CPU), the loop must equal ragged reference attention, forward and backward."""
-    import longvl.parallel.local_attention as la
+    import longvl.parallel.block_attention as la
 
     def dense_forward(q, k, v, causal, scale):
         out, lse = la._reference_forward(q, k, v, causal, scale, None, None)
