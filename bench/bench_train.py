@@ -23,7 +23,7 @@ Parts:
 - pieces: at one length, what each piece buys: kernels off, offload off, selective instead of full
   activation checkpointing.
 - data (not in the default parts): the share of step time spent on data loading (goal < 5 % at 32K per GPU,
-  issue #9) with the trainer's own loader (longvl/eagle/train/data.py: offline index, spawn workers, packing, ADS)
+  issue #9) with the trainer's own loader (longvl/eagle/train/stage_data.py: offline index, spawn workers, packing, ADS)
   on the generated dataset's video-heavy mixture (65 % video draws) with long 720p videos added, cp = 1.
 MFU follows longvl/eagle/train/metrics.py (model FLOPs, causal attention counted once, vision tower included,
 datasheet dense bf16 peak). Records: op "train_step", provider = the variant, value = tokens/s per GPU.
@@ -45,20 +45,20 @@ from bench.harness import ON_GPU, Record, device_ceilings, save_results
 from longvl.eagle.data.collate import collate_pack
 from longvl.eagle.data.dataset import ProcessedPack
 from longvl.eagle.data.synthetic import generate
-from longvl.eagle.train import data as train_data
+from longvl.eagle.train import stage_data
 from longvl.eagle.train.config import StageConfig, load_config
-from longvl.eagle.train.context_parallel import StageAttention
 from longvl.eagle.train.faults import NonFiniteGuard
 from longvl.eagle.train.metrics import device_peak_tflops
 from longvl.eagle.train.parallel_dims import build_fsdp_mesh, build_stage_mesh, init_distributed
+from longvl.eagle.train.stage import Stage
 from longvl.eagle.train.trainer import (build_model, build_optimizer, check_tokenizer_fits, flops_model, prepare_model,
-                                 train_step)
+                                        train_step)
 from longvl.parallel import ALGORITHMS
 
 K = 1024
 
 
-def synthetic_pack(length: int, tiles: int, model_config, seed: int) -> dict:
+def synthetic_pack(length: int, tiles: int, model_config, seed: int):
     """One collated document of `length` tokens: `tiles` image blocks first, then supervised text."""
     generator = torch.Generator().manual_seed(seed)
     image_tokens = tiles * model_config.tokens_per_tile
@@ -71,9 +71,8 @@ def synthetic_pack(length: int, tiles: int, model_config, seed: int) -> dict:
     size = model_config.force_image_size
     doc = {"input_ids": input_ids, "labels": labels, "num_tiles": [1] * tiles,
            "pixel_values": torch.randn(tiles, 3, size, size, generator=generator), "dataset": "bench", "id": "0"}
-    batch = collate_pack(ProcessedPack([doc], [], {}, 0.0), image_size=size)
-    batch.update(num_image_rows=image_tokens)
-    return batch
+    return collate_pack(ProcessedPack([doc], [], {}, 0.0), image_token_id=model_config.image_token_index,
+                        tokens_per_tile=model_config.tokens_per_tile, image_size=size)
 
 
 class Bench:
@@ -84,7 +83,8 @@ class Bench:
 
     def __init__(self, args, *, kernels=True, offload=True, ac="full", data_info=None):
         overrides = [f"--kernels.enabled={str(kernels).lower()}",
-                     f"--memory.offload_activations={str(offload).lower()}", f"--memory.activation_checkpointing={ac}"]
+                     f"--memory.offload_activations={str(offload).lower()}", f"--memory.activation_checkpointing={ac}",
+                     "--stages=[{name: bench, max_length: 32768, steps: 1}]"]   # each run() sets its own stage
         self.config = load_config("eagle25-8b", overrides + [f"--model.size={args.size}"])
         self.rank, self.world, self.device = init_distributed()
         self.fsdp_mesh = build_fsdp_mesh(self.world)
@@ -97,13 +97,14 @@ class Bench:
                 check_tokenizer_fits(model.config, data_info)
         self.model_config = model.config
         self.flops = flops_model(model)
-        self.module, self.offload = prepare_model(self.config, model, self.device, self.fsdp_mesh)
-        self.optimizer = build_optimizer(self.config, self.module)
+        self.offload = prepare_model(self.config, model, self.device, self.fsdp_mesh)
+        self.model = model
+        self.optimizer = build_optimizer(self.config, model)
         self.args = args
         self.meshes = {}   # one set of process groups per (cp, ulysses) degree, not one per measurement
 
     def close(self):
-        del self.module, self.optimizer
+        del self.model, self.optimizer
         gc.collect()
         if ON_GPU:
             torch.cuda.empty_cache()
@@ -117,11 +118,9 @@ class Bench:
                             cp_algorithm=self.args.cp_algorithm)
         if (cp, ulysses) not in self.meshes:
             self.meshes[cp, ulysses] = build_stage_mesh(self.fsdp_mesh, cp, ulysses)
-        mesh = self.meshes[cp, ulysses]
-        self.module.set_cp_group(mesh.cp_group if cp > 1 else None, mesh.cp_rank, cp)
-        attention = StageAttention(mesh, stage, self.model_config.text_config, self.model_config.image_token_index)
-        batch = synthetic_pack(length, self.args.tiles, self.model_config, seed=mesh.dp_rank)
-        shard = attention.shard(batch, self.device)
+        stage = Stage.build(stage, self.fsdp_mesh, self.model_config.text_config, mesh=self.meshes[cp, ulysses])
+        batch = synthetic_pack(length, self.args.tiles, self.model_config, seed=stage.mesh.dp_rank)
+        shard = stage.shard(batch, self.device)
         guard = NonFiniteGuard(10**9)
         if ON_GPU:
             torch.cuda.reset_peak_memory_stats()
@@ -129,8 +128,10 @@ class Bench:
         try:
             for step in range(warmup + iters):
                 start = time.perf_counter()
-                train_step(self.module, self.optimizer, shard, attention, cp, 1.0, guard, step=step,
-                           stage_name=stage.name, offload=self.offload)   # ends with a host sync (grad norm)
+                if self.offload is not None:
+                    self.offload.reset()
+                train_step(self.model, self.optimizer, shard, stage, guard=guard, max_grad_norm=1.0,
+                           step=step)   # ends with a host sync (grad norm)
                 times.append(time.perf_counter() - start)
         except torch.OutOfMemoryError:
             oom += 1
@@ -213,33 +214,35 @@ def data_share(args, world, records) -> dict:
         generate(folder, num=args.data_samples, seed=0, long_videos=args.data_long_videos)
         print(f"generated {folder} in {time.perf_counter() - start:.1f} s", flush=True)
     overrides = [f"--model.size={args.size}", "--data.source=mixture", f"--data.dir={folder}",
-                 f"--data.index_workers={min(16, os.cpu_count())}"]
+                 f"--data.index_workers={min(16, os.cpu_count())}",
+                 f"--stages=[{{name: data, max_length: {args.data_length}, steps: 1}}]"]
     if args.data_workers is not None:
         overrides.append(f"--data.num_workers={args.data_workers}")
     config = load_config("eagle25-8b", overrides)
-    info = dataclasses.replace(train_data.prepare(config, rank),
+    info = dataclasses.replace(stage_data.prepare(config, rank),
                                mixture=os.path.join(folder, "mixture_video_heavy.yaml"))
     bench = Bench(args, kernels=ON_GPU, data_info=info)   # CPU: Triton's interpreter would take minutes a step
-    stage = dataclasses.replace(config.stages[0], name=f"data-{args.data_length // K}K", max_length=args.data_length,
-                                cp=1, ulysses=1)
-    mesh = build_stage_mesh(bench.fsdp_mesh, 1)
-    bench.module.set_cp_group(None, mesh.cp_rank, 1)
-    attention = StageAttention(mesh, stage, bench.model_config.text_config, bench.model_config.image_token_index)
+    stage_config = dataclasses.replace(config.stages[0], name=f"data-{args.data_length // K}K",
+                                       max_length=args.data_length, cp=1, ulysses=1)
+    stage = Stage.build(stage_config, bench.fsdp_mesh, bench.model_config.text_config)
     start = time.perf_counter()
-    batches = iter(train_data.StageLoader(config, info, bench.model_config, stage, mesh.dp_rank, mesh.dp))
+    batches = iter(stage_data.StageLoader(config, info, bench.model_config, stage_config, stage.mesh.dp_rank,
+                                          stage.mesh.dp))
     index_s = time.perf_counter() - start
     guard = NonFiniteGuard(10**9)
     slowest, totals = [], []
     for step in range(args.warmup + args.data_steps):
         t0 = time.perf_counter()
         batch = next(batches)
-        shard = attention.shard(batch, bench.device)
+        shard = stage.shard(batch, bench.device)
         t_data = time.perf_counter() - t0
-        train_step(bench.module, bench.optimizer, shard, attention, 1, 1.0, guard, step=step, stage_name=stage.name,
-                   offload=bench.offload)   # ends with a host sync (grad norm)
-        stats = batch["stats"]
-        slowest.append([t_data, time.perf_counter() - t0, stats["worker_seconds"]])
-        totals.append([stats["tokens"], stats["frames"], stats["tiles"], stats["degraded"], len(stats["bad_samples"])])
+        if bench.offload is not None:
+            bench.offload.reset()
+        train_step(bench.model, bench.optimizer, shard, stage, guard=guard, max_grad_norm=1.0,
+                   step=step)   # ends with a host sync (grad norm)
+        stats = batch.stats
+        slowest.append([t_data, time.perf_counter() - t0, stats.worker_seconds])
+        totals.append([stats.tokens, stats.frames, stats.tiles, stats.degraded, len(stats.bad_samples)])
     slowest = torch.tensor(slowest, dtype=torch.float64, device=bench.device)
     totals = torch.tensor(totals, dtype=torch.float64, device=bench.device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -345,7 +348,7 @@ def main():
         records.append(Record(op="train_summary", provider="ours", shape={"world": world}, dtype="bfloat16",
                               median_ms=math.nan, device="gpu" if ON_GPU else "cpu", note=repr(summary)))
         path = save_results(records, ceilings, args.name)
-        print(f"summary: {summary}\nresults: {path}", flush=True)
+        print(f"summary: {summary}" + (f"\nresults: {path}" if path else ""), flush=True)
     dist.destroy_process_group()
 
 

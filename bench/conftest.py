@@ -60,4 +60,5 @@ def measure(benchmark, ceilings):
 def pytest_sessionfinish(session, exitstatus):
     if _RECORDS and (ON_GPU or os.environ.get("BENCH_OUT")):
         path = save_results(_RECORDS, _CEILINGS, os.environ.get("BENCH_NAME", "bench"))
-        print(f"\nbenchmark results: {path}")
+        if path is not None:
+            print(f"\nbenchmark results: {path}")

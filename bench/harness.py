@@ -128,10 +128,17 @@ def environment() -> dict:
     return env
 
 
-def save_results(records, ceilings: dict, name: str, out_dir=None) -> Path:
-    """Write one results JSON (environment, ceilings, records) and return its path."""
+def save_results(records, ceilings: dict, name: str, out_dir=None) -> Path | None:
+    """Write one results JSON (environment, ceilings, records) and return its path.
+
+    Without a GPU nothing goes to bench/results/ (CPU runs exercise the code, they measure nothing worth
+    committing): then only an explicit `out_dir` / $BENCH_OUT is written, else None is returned."""
     env = environment()
-    out_dir = Path(out_dir or os.environ.get("BENCH_OUT") or RESULTS_DIR)
+    out_dir = out_dir or os.environ.get("BENCH_OUT")
+    if out_dir is None and not ON_GPU:
+        print("no CUDA GPU: results are not written to bench/results/ (set BENCH_OUT or --out to keep them)")
+        return None
+    out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = env["device"].replace(" ", "-").lower()
     path = out_dir / f"{name}_{gpu}x{max(env['gpu_count'], 1)}_{env['date'][:10]}.json"

@@ -6,6 +6,7 @@ Only GPU records are tabled (CPU-side ones, like the processor's, stay in their 
 dtype) our fastest variant is compared with the fastest peer of the same run; context-parallel rows also give
 per-GPU throughput as a fraction of one GPU alone. Every figure comes from a results file, none is typed.
 """
+import argparse
 import json
 import re
 from collections import defaultdict
@@ -128,8 +129,13 @@ def plots(rows, out_dir):
         plt.close(fig)
 
 
-def main():
-    rows = comparisons(load_runs())
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description="Render the README performance table, bench/REPORT.md and the "
+        "plots under bench/results/plots/ from the GPU results in bench/results/*.json (no figure is typed).")
+    parser.parse_args(argv)
+    runs = load_runs()
+    rows = comparisons(runs)
     headline = [row for row in rows if row[1] in README_OPS]
     body = table(headline) if headline else "No GPU results committed yet."
     readme = ROOT / "README.md"
@@ -140,6 +146,8 @@ def main():
                                               + (table(rows) if rows else "No GPU results.") + "\n")
     if rows:
         plots(rows, RESULTS / "plots")
+    print(f"read {len(runs)} GPU result files from {RESULTS}; wrote the table in {readme} ({len(headline)} rows), "
+          f"{ROOT / 'bench' / 'REPORT.md'} ({len(rows)} rows)" + (f" and plots in {RESULTS / 'plots'}" if rows else ""))
 
 
 if __name__ == "__main__":

@@ -67,3 +67,35 @@ def test_train_bench_data_part_runs_the_trainer_loader_on_cpu(tmp_path):
     (record,) = [r for r in json.loads(path.read_text())["records"] if r["op"] == "train_data_share"]
     assert 0 <= record["value"] <= 1 and record["median_ms"] > 0 and record["shape"]["workers"] == 1
     assert "'steps': 2" in record["note"] and "video_heavy" in record["note"]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _results_snapshot():
+    return sorted(p.name for p in (REPO / "bench" / "results").rglob("*") if p.is_file())
+
+
+@pytest.mark.skipif(harness.ON_GPU, reason="checks the suite's behaviour on a machine without a GPU")
+def test_suite_without_a_gpu_says_so_and_writes_nothing(tmp_path):
+    before = _results_snapshot()
+    out = tmp_path / "new" / "folder"
+    result = subprocess.run([sys.executable, "-m", "bench", "--out", str(out), "-k", "no_such_benchmark"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.is_dir(), result.stdout + result.stderr            # --out is created
+    plain = subprocess.run([sys.executable, "-m", "bench", "-k", "no_such_benchmark"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert "no CUDA GPU" in plain.stdout
+    assert _results_snapshot() == before                           # nothing lands in bench/results/
+
+
+def test_report_help_and_summary_line(tmp_path, monkeypatch):
+    help_text = subprocess.run([sys.executable, "-m", "bench.report", "--help"], cwd=REPO, capture_output=True,
+                               text=True, timeout=120)
+    assert help_text.returncode == 0 and "README" in help_text.stdout
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    (tmp_path / "README.md").write_text(f"x\n{report.START}\nold\n{report.END}\n")
+    (tmp_path / "bench").mkdir()
+    report.main([])
+    assert "No GPU results committed yet." in (tmp_path / "README.md").read_text()

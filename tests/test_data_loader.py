@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from longvl.eagle.data import build_indexes, build_loader
+from longvl.eagle.data import build_indexes
+from longvl.eagle.data import build_loader as _build_loader
 from longvl.eagle.data.backend import BackendSpec
 from longvl.eagle.data.dataset import DatasetSource, PackDataset
 from longvl.eagle.data.index import index_path, load_index
@@ -25,6 +26,19 @@ MAX_LENGTH = 4096
 TOKENS_PER_TILE = 16
 OPTIONS = {"tile_size": 28, "tokens_per_tile": TOKENS_PER_TILE, "max_tiles": 4, "min_frames": 2, "max_frames": 16}
 BACKEND = BackendSpec("longvl.eagle.data.eagle_backend:EagleBackend", OPTIONS)
+IMAGE_TOKEN = None  # the built-in tokenizer's <IMG_CONTEXT>, read once below
+
+
+def build_loader(*args, **kwargs):
+    """The stage loader with the processor's image placement (the built-in tokenizer, OPTIONS' tokens per tile)."""
+    global IMAGE_TOKEN
+    if IMAGE_TOKEN is None:
+        from longvl.eagle.processing.tokenizer import IMG_CONTEXT, tiny_tokenizer
+
+        IMAGE_TOKEN = tiny_tokenizer().convert_tokens_to_ids(IMG_CONTEXT)
+    return _build_loader(*args, image_token_id=IMAGE_TOKEN, tokens_per_tile=TOKENS_PER_TILE, **kwargs)
+
+
 EXPECTED_BAD = {"missing_file": 1, "corrupt_media": 2, "path_escape": 1, "malformed": 1, "too_long": 1}
 
 
@@ -112,20 +126,21 @@ def test_index_refuses_stale_or_missing_files(dataset_dir, tmp_path):
 
 
 def _check_batch(batch):
-    ids, cu = batch["input_ids"][0], batch["cu_seqlens"]
+    ids, cu = batch.input_ids[0], batch.cu_seqlens
     assert ids.numel() == int(cu[-1]) <= MAX_LENGTH
-    assert batch["num_tiles"].sum() == batch["pixel_values"].shape[0] == batch["tile_doc_ids"].numel()
-    image_token = int(batch["input_ids"].max())  # <IMG_CONTEXT> is the last added token
-    if batch["pixel_values"].shape[0]:
-        assert int((ids == image_token).sum()) == batch["pixel_values"].shape[0] * TOKENS_PER_TILE
-    positions = batch["position_ids"][0]
-    assert (positions[cu[:-1].long()] == 0).all() and torch.isfinite(batch["pixel_values"]).all()
-    if batch["stats"]["supervised_tokens"]:
-        assert abs(float(batch["loss_weights"].sum()) - 1) < 1e-5
+    assert batch.stats.tiles == batch.pixel_values.shape[0]
+    image_token = int(batch.input_ids.max())  # <IMG_CONTEXT> is the last added token
+    if batch.pixel_values.shape[0]:
+        assert int((ids == image_token).sum()) == batch.pixel_values.shape[0] * TOKENS_PER_TILE
+        assert batch.feature_index[0][ids == image_token].tolist() == list(range(int((ids == image_token).sum())))
+    positions = batch.position_ids[0]
+    assert (positions[cu[:-1].long()] == 0).all() and torch.isfinite(batch.pixel_values).all()
+    if batch.stats.supervised_tokens:
+        assert abs(float(batch.loss_weights.sum()) - 1) < 1e-5
 
 
 def _keys(batches):
-    return [batch["stats"]["doc_keys"] for batch in batches]
+    return [batch.stats.doc_keys for batch in batches]
 
 
 def test_loader_epoch_resume_and_bad_sample_summary(dataset_dir):
@@ -137,8 +152,8 @@ def test_loader_epoch_resume_and_bad_sample_summary(dataset_dir):
     assert len(epoch) == len(loader.sampler._plan(0).packs)
     for batch in epoch:
         _check_batch(batch)
-        assert batch["input_ids"].shape[1] % 8 == 0
-    assert sum(b["stats"]["frames"] for b in epoch) > sum(b["stats"]["images"] for b in epoch)  # video-heavy
+        assert batch.input_ids.shape[1] % 8 == 0
+    assert sum(b.stats.frames for b in epoch) > sum(b.stats.images for b in epoch)  # video-heavy
     assert loader.bad_samples.total == 0 and "6 records excluded by the index" in loader.summary()
     assert loader.state_dict()["epoch"] == 0  # saved after the last batch; the next loop starts epoch 1
 
@@ -153,7 +168,7 @@ def test_loader_epoch_resume_and_bad_sample_summary(dataset_dir):
     rest = list(fresh)
     assert _keys(rest) == _keys(epoch[stop + 1:])
     for a, b in zip(rest, epoch[stop + 1:]):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     assert _keys(list(fresh)) != _keys(epoch)  # then epoch 1, in a new order
 
 
@@ -210,7 +225,7 @@ def test_spawn_workers_match_in_process_loading(dataset_dir):
     batches = list(loader)
     assert _keys(batches) == _keys(reference)
     for a, b in zip(batches, reference):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_weights"], b["loss_weights"])
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_weights, b.loss_weights)
         _check_batch(a)
 
 

@@ -110,10 +110,16 @@ def test_token_weights_with_global_counts_on_shards():
         supervised_counts(labels, doc_ids[:3], 4)
 
 
+IMAGE_TOKEN, TOKENS_PER_TILE = 5, 2
+COLLATE = dict(image_token_id=IMAGE_TOKEN, tokens_per_tile=TOKENS_PER_TILE)
+
+
 def _doc(rng, length, tiles=(), frames=0, supervised=0.5):
     ids = torch.as_tensor(rng.integers(10, 1000, length))
-    labels = torch.where(torch.as_tensor(rng.random(length) < supervised), ids, torch.full_like(ids, -100))
     total = int(sum(tiles))
+    ids[3:3 + total * TOKENS_PER_TILE] = IMAGE_TOKEN  # the tiles' features go here, in order
+    labels = torch.where(torch.as_tensor(rng.random(length) < supervised), ids, torch.full_like(ids, -100))
+    labels[ids == IMAGE_TOKEN] = -100
     return {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(total, 3, 4, 4),
             "num_tiles": list(tiles), "frames": frames, "degraded": "frames" if frames else "",
             "dataset": "d", "id": f"r{length}"}
@@ -123,44 +129,47 @@ def test_collate_positions_cu_seqlens_labels_and_weights():
     rng = np.random.default_rng(0)
     docs = [_doc(rng, 37, tiles=(5, 1)), _doc(rng, 11), _doc(rng, 52, tiles=(1, 1, 1), frames=3)]
     batch = collate_pack(ProcessedPack(docs, [{"dataset": "d", "id": "x", "reason": "timeout", "detail": ""}],
-                                       {"s": 1}, 0.1), pad_to_multiple_of=16)
+                                       {"s": 1}, 0.1), pad_to_multiple_of=16, **COLLATE)
     total, padded = 100, 112
-    assert batch["input_ids"].shape == (1, padded) and batch["labels"].shape == (1, padded)
-    assert batch["cu_seqlens"].dtype == torch.int32
-    assert batch["cu_seqlens"].tolist() == [0, 37, 48, 100, 112] and batch["max_seqlen"] == 52
+    assert batch.input_ids.shape == (1, padded) and batch.target_ids.shape == (1, padded)
+    assert batch.cu_seqlens.dtype == torch.int32
+    assert batch.cu_seqlens.tolist() == [0, 37, 48, 100, 112] and batch.stats.doc_lengths == [37, 11, 52]
     expected_positions = list(range(37)) + list(range(11)) + list(range(52)) + list(range(12))
-    assert batch["position_ids"][0].tolist() == expected_positions
-    labels, shifted = batch["labels"][0], batch["shift_labels"][0]
+    assert batch.position_ids[0].tolist() == expected_positions
+    shifted = batch.target_ids[0]
     start = 0
     for doc, end in zip(docs, [37, 48, 100]):
-        assert torch.equal(batch["input_ids"][0, start:end], doc["input_ids"])
-        assert torch.equal(labels[start:end], doc["labels"])
+        assert torch.equal(batch.input_ids[0, start:end], doc["input_ids"])
         assert torch.equal(shifted[start:end - 1], doc["labels"][1:])
         assert shifted[end - 1] == -100  # never predicts the next document
         start = end
-    assert (labels[total:] == -100).all() and (batch["input_ids"][0, total:] == 0).all()
+    assert (shifted[total:] == -100).all() and (batch.input_ids[0, total:] == 0).all()
     counts = [int((d["labels"][1:] != -100).sum()) for d in docs] + [0]
-    assert batch["doc_supervised_tokens"].tolist() == counts
-    weights = batch["loss_weights"][0]
+    assert batch.stats.supervised_tokens == sum(counts)
+    weights = batch.loss_weights[0]
     roots = sum(math.sqrt(n) for n in counts)
-    for i, (lo, hi) in enumerate(zip(batch["cu_seqlens"][:-1].tolist(), batch["cu_seqlens"][1:].tolist())):
+    for i, (lo, hi) in enumerate(zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist())):
         mask = shifted[lo:hi] != -100
+        assert int(mask.sum()) == counts[i]
         if counts[i]:
             torch.testing.assert_close(weights[lo:hi][mask], torch.full((counts[i],), 1 / (math.sqrt(counts[i]) * roots)))
         assert (weights[lo:hi][~mask] == 0).all()
     assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-5)
-    assert batch["pixel_values"].shape == (9, 3, 4, 4) and batch["num_tiles"].tolist() == [5, 1, 1, 1, 1]
-    assert batch["tile_doc_ids"].tolist() == [0] * 6 + [2] * 3 and batch["image_flags"].sum() == 9
-    stats = batch["stats"]
-    assert (stats["images"], stats["frames"], stats["tiles"], stats["degraded"]) == (2, 3, 9, 1)
-    assert stats["tokens"] == total and stats["padding_tokens"] == 12 and stats["docs"] == 3
-    assert stats["bad_samples"][0]["reason"] == "timeout" and batch["resume_state"] == {"s": 1}
+    assert batch.pixel_values.shape == (9, 3, 4, 4)
+    feature = batch.feature_index[0]   # every tile's rows, in token order, at the image tokens
+    assert feature[batch.input_ids[0] == IMAGE_TOKEN].tolist() == list(range(9 * TOKENS_PER_TILE))
+    assert (feature[batch.input_ids[0] != IMAGE_TOKEN] == -1).all()
+    stats = batch.stats
+    assert (stats.images, stats.frames, stats.tiles, stats.degraded) == (2, 3, 9, 1)
+    assert stats.tokens == total and stats.padding_tokens == 12 and stats.docs == 3
+    assert stats.bad_samples[0]["reason"] == "timeout" and batch.resume_state == {"s": 1}
 
 
 def test_collate_empty_pack_gives_zero_loss_batch():
-    batch = collate_pack(ProcessedPack([], [], {}, 0.0), pad_token_id=7, pad_to_multiple_of=8, image_size=14)
-    assert batch["input_ids"].tolist() == [[7] * 8] and batch["cu_seqlens"].tolist() == [0, 8]
-    assert batch["loss_weights"].sum() == 0 and batch["pixel_values"].shape == (0, 3, 14, 14)
+    batch = collate_pack(ProcessedPack([], [], {}, 0.0), pad_token_id=7, pad_to_multiple_of=8, image_size=14,
+                         **COLLATE)
+    assert batch.input_ids.tolist() == [[7] * 8] and batch.cu_seqlens.tolist() == [0, 8]
+    assert batch.loss_weights.sum() == 0 and batch.pixel_values.shape == (0, 3, 14, 14) and batch.stats.docs == 0
 
 
 def test_collate_rejects_tile_count_mismatch():
@@ -168,4 +177,12 @@ def test_collate_rejects_tile_count_mismatch():
     doc = _doc(rng, 9, tiles=(2,))
     doc["num_tiles"] = [3]
     with pytest.raises(ValueError, match="num_tiles add up to 3 but pixel_values has 2"):
-        collate_pack(ProcessedPack([doc], [], {}, 0.0))
+        collate_pack(ProcessedPack([doc], [], {}, 0.0), **COLLATE)
+
+
+def test_collate_rejects_image_tokens_that_do_not_match_the_tiles():
+    rng = np.random.default_rng(0)
+    doc = _doc(rng, 20, tiles=(2,))
+    doc["input_ids"][3] = 11   # one image token fewer than the two tiles need
+    with pytest.raises(ValueError, match="d/r20 has 3 image tokens .* 2 tiles give 4 feature rows"):
+        collate_pack(ProcessedPack([doc], [], {}, 0.0), **COLLATE)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from longvl.parallel import gather, init_cp_mesh, plan_for, shard
-from longvl.parallel.hf import ATTENTION_NAME, cp_context
+from longvl.parallel.hf import ATTENTION_NAME, CPSequence
 from tests.distributed import run_distributed
 
 TOL = dict(atol=2e-5, rtol=2e-5)  # fp32 model; CP changes only the summation order
@@ -49,11 +49,12 @@ def _compare(rank, world_size):
 
         plan = plan_for(lengths, groups, algorithm)
         model = tiny_qwen2(ATTENTION_NAME)
-        with cp_context(groups, algorithm, cu_seqlens=plan.cu_seqlens()):
-            logits = model(input_ids=shard(ids, plan, rank), position_ids=shard(positions, plan, rank)).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), shard(labels, plan, rank, pad_value=-100).flatten(),
-                                   ignore_index=-100, reduction="sum")
-            loss.backward()
+        sequence = CPSequence(groups, algorithm, cu_seqlens=plan.cu_seqlens())
+        logits = model(input_ids=shard(ids, plan, rank), position_ids=shard(positions, plan, rank),
+                       context_parallel=sequence).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), shard(labels, plan, rank, pad_value=-100).flatten(),
+                               ignore_index=-100, reduction="sum")
+        loss.backward()
         dist.all_reduce(loss)
         torch.testing.assert_close(gather(logits.detach(), plan, groups.cp), ref_logits, **TOL)
         torch.testing.assert_close(loss.detach(), ref_loss, **TOL)
@@ -91,11 +92,11 @@ def _compare_eagle(rank, groups):
 
     model = build(ATTENTION_NAME)
     plan = plan_for(30, groups, "ulysses")
-    with cp_context(groups, "ulysses"):
-        embeds = shard(_eagle_embeddings(model, ids, pixels), plan, rank)
-        logits = model(inputs_embeds=embeds, position_ids=shard(torch.arange(30)[None], plan, rank)).logits
-        F.cross_entropy(logits.flatten(0, 1), shard(labels, plan, rank, pad_value=-100).flatten(),
-                        ignore_index=-100, reduction="sum").backward()
+    embeds = shard(_eagle_embeddings(model, ids, pixels), plan, rank)
+    logits = model(inputs_embeds=embeds, position_ids=shard(torch.arange(30)[None], plan, rank),
+                   context_parallel=CPSequence(groups, "ulysses")).logits
+    F.cross_entropy(logits.flatten(0, 1), shard(labels, plan, rank, pad_value=-100).flatten(),
+                    ignore_index=-100, reduction="sum").backward()
     torch.testing.assert_close(gather(logits.detach(), plan, groups.cp), ref_logits.detach(), **TOL)
     for (name, param), ref_param in zip(model.named_parameters(), ref.parameters()):
         if ref_param.grad is not None:
@@ -110,3 +111,11 @@ def _compare_all(rank, world_size):
 
 def test_hf_models_context_parallel_match_single_process():
     run_distributed(_compare_all, 2, timeout=120)
+
+
+def test_the_sequence_layout_must_be_given():
+    import pytest
+
+    model = tiny_qwen2(ATTENTION_NAME)
+    with pytest.raises(ValueError, match="context_parallel=CPSequence"):
+        model(input_ids=torch.randint(0, 101, (1, 8)))

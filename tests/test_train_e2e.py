@@ -172,19 +172,19 @@ def _train_with_nan(rank, world, config_path, nan_calls, expect_stop):
     from longvl import kernels  # noqa: F401
     import torch
 
-    from longvl.eagle.train import forward
+    from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
     from longvl.eagle.train.config import load_config
     from longvl.eagle.train.faults import NonFiniteStop
     from longvl.eagle.train.trainer import train
 
-    original, calls = forward.EagleTrainingForward.forward, {"n": 0}
+    original, calls = EagleForConditionalGeneration.packed_loss, {"n": 0}
 
     def sometimes_nan(self, *args, **kwargs):
         calls["n"] += 1
         loss = original(self, *args, **kwargs)
         return loss * torch.nan if calls["n"] in nan_calls else loss
 
-    forward.EagleTrainingForward.forward = sometimes_nan
+    EagleForConditionalGeneration.packed_loss = sometimes_nan
     try:
         train(load_config(config_path))
     except NonFiniteStop as stop:
@@ -200,7 +200,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, data_dir):
     assert run_distributed(_train_with_nan, 1, str(config), {2, 3}, False, timeout=200) == [None]
     records = read_jsonl(tmp_path / "skip" / "metrics" / "metrics.jsonl")
     assert [r["applied"] for r in records] == [True, False, False, True, True, True]
-    assert records[-1]["skipped_total"] == 2
+    assert records[-1]["skipped_steps"] == 2
     config = write_config(tmp_path / "stop", data_dir, stage, faults={"max_consecutive_nonfinite": 2})
     message = run_distributed(_train_with_nan, 1, str(config), {2, 3}, True, timeout=200)[0]
     assert "2 consecutive steps with a non-finite loss" in message and "stage 's'" in message

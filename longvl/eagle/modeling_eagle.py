@@ -5,15 +5,26 @@ Module names follow the released checkpoint (SPEC §2) so its safetensors shards
 `language_model.{model,lm_head}.*` (a plain Hugging Face causal LM, so kernel patches and context-parallel
 attention apply to it unchanged).
 
-For the trainer: `extract_features(pixel_values)` runs any subset of tiles (e.g. one context-parallel rank's
-share) and `forward(..., image_features=...)` splices features computed elsewhere, in `<IMG_CONTEXT>` order.
+Two forwards share one image-feature splice (`place_image_features`): the Hugging Face `forward` (generation,
+evaluation, HF training) and `packed_loss`, the trainer's forward over one context-parallel shard of a packed
+sequence. `extract_features(pixel_values)` runs any subset of tiles and `forward(..., image_features=...)`
+splices features computed elsewhere, in `<IMG_CONTEXT>` order.
 """
+from __future__ import annotations
+
+import typing
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel, SiglipVisionModel
 
 from longvl.eagle.configuration_eagle import EagleConfig
 from longvl.eagle.pixel_shuffle import pixel_shuffle
+
+if typing.TYPE_CHECKING:
+    from longvl.eagle.data.batch import PackedBatch
+    from longvl.parallel.hf import CPSequence
 
 
 def _as_model_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -105,16 +116,73 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
             cells = pixel_shuffle(cells, self.config.shuffle_factor)
         return self.mlp1(cells)
 
+    @staticmethod
+    def place_image_features(inputs_embeds, image_features, feature_index):
+        """Token t's embedding becomes feature row `feature_index[t]` (-1: the token keeps its embedding)."""
+        rows = image_features.reshape(-1, inputs_embeds.shape[-1])
+        mask = feature_index >= 0
+        picked = rows.index_select(0, feature_index[mask])
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), picked.to(inputs_embeds.dtype))
+
     def splice_image_features(self, input_ids, inputs_embeds, image_features):
         """Write the features over the `<IMG_CONTEXT>` embeddings, in order; the counts must match exactly."""
         mask = input_ids == self.config.image_token_index
-        features = image_features.reshape(-1, inputs_embeds.shape[-1])
+        rows = image_features.reshape(-1, inputs_embeds.shape[-1]).shape[0]
         slots = int(mask.sum())
-        if slots != features.shape[0]:
+        if slots != rows:
             raise ValueError(f"{slots} <IMG_CONTEXT> tokens (id {self.config.image_token_index}) in input_ids but "
-                             f"{features.shape[0]} image feature vectors ({self.config.tokens_per_tile} per tile): "
+                             f"{rows} image feature vectors ({self.config.tokens_per_tile} per tile): "
                              "the processor's placeholders and the pixel tiles disagree")
-        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
+        feature_index = torch.where(mask, mask.reshape(-1).long().cumsum(0).view(mask.shape) - 1, -1)
+        return self.place_image_features(inputs_embeds, image_features, feature_index)
+
+    # --- the trainer's forward: one context-parallel shard of a packed sequence ------------------------------
+    def _tile_share(self, pixel_values, rank: int, size: int):
+        """This rank's contiguous share of the tiles, padded with blank tiles to the largest share (>= 1), and
+        every rank's real count: every rank runs the tower the same number of times (FSDP needs that)."""
+        base, extra = divmod(pixel_values.shape[0], size)
+        counts = [base + (r < extra) for r in range(size)]
+        start = sum(counts[:rank])
+        mine = pixel_values[start:start + counts[rank]]
+        width = max(1, max(counts))
+        if mine.shape[0] < width:
+            side = self.config.force_image_size
+            mine = torch.cat([mine, mine.new_zeros(width - mine.shape[0], 3, side, side)])
+        return mine, counts
+
+    def packed_loss(self, batch: PackedBatch, context_parallel: CPSequence | None = None) -> torch.Tensor:
+        """Sum of the weighted token losses of one (context-parallel shard of a) packed sequence.
+
+        Vision under context parallelism: the pack's tiles are split evenly over the CP ranks, each runs the
+        tower on its own share, the features are all-gathered with autograd and each rank places the rows its
+        tokens need. The all-gather's backward sums every rank's feature gradients onto the tile's owner, so
+        the tower learns from tokens on all ranks. The local and gathered features also join the loss with
+        weight 0, so every rank runs the same ops whatever its tokens (text-only packs still run the tower's
+        backward, and the exchange's backward collective comes at the same point on every rank). Summed over
+        the CP group, the result is the pack's loss (the weights hold the global per-document counts).
+        """
+        from longvl.kernels.hf_patch import causal_lm_loss
+        from longvl.parallel.hf import KWARG
+
+        group = None if context_parallel is None else context_parallel.groups.cp
+        rank, size = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+        lm = self.language_model
+        embeds = lm.get_input_embeddings()(batch.input_ids)
+        tiles, counts = self._tile_share(batch.pixel_values, rank, size)
+        local = self.extract_features(tiles)
+        if size == 1:
+            features = local[: counts[0]]
+        else:
+            from torch.distributed.nn.functional import all_gather
+
+            parts = all_gather(local.contiguous(), group=group)
+            features = torch.cat([part[:n] for part, n in zip(parts, counts)])
+        embeds = self.place_image_features(embeds, features, batch.feature_index)
+        embeds = embeds + 0 * (features.sum() + local.sum()).to(embeds.dtype)
+        attention = {} if context_parallel is None else {KWARG: context_parallel}
+        hidden = lm.model(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False,
+                          **attention).last_hidden_state
+        return causal_lm_loss(lm, hidden, batch.target_ids, weights=batch.loss_weights, reduction="sum")
 
     # --- forward / generate ----------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,

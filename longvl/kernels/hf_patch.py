@@ -141,8 +141,8 @@ class _FusedCausalLM:
         hidden_states = outputs.last_hidden_state
         if shift_labels is None:
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        loss = causal_lm_loss(hidden_states, self.lm_head, shift_labels, ignore_index, num_items_in_batch,
-                              getattr(self, "lce_dw_accumulation", "fp32"))
+        loss = causal_lm_loss(self, hidden_states, shift_labels, ignore_index=ignore_index,
+                              num_items_in_batch=num_items_in_batch)
         logits = None
         if return_logits:
             kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -152,27 +152,45 @@ class _FusedCausalLM:
                                       **{OUTPUT_CACHE_FIELD: getattr(outputs, OUTPUT_CACHE_FIELD)})
 
 
-def causal_lm_loss(hidden_states, lm_head, shift_labels, ignore_index=-100, num_items_in_batch=None,
-                   dw_accumulation="fp32"):
-    """Cross-entropy of `lm_head(hidden_states)` against already shifted labels, without the logits.
+def causal_lm_loss(causal_lm, hidden_states, shift_labels, *, weights=None, reduction="mean", ignore_index=-100,
+                   num_items_in_batch=None):
+    """Cross-entropy of `causal_lm.lm_head(hidden_states)` against already shifted labels: the one training loss
+    of the HF patch and of our trainer.
 
-    Mean over tokens that are not `ignore_index`, or the sum divided by `num_items_in_batch` when given, so
-    that gradient-accumulation micro-batches add up to the mean over the whole batch. `dw_accumulation` as in
-    longvl.kernels.linear_cross_entropy.
+    Fused (no logits) when `causal_lm` carries our kernel (`apply_kernels(..., linear_cross_entropy=True)`)
+    and its lm_head is a plain nn.Linear, with the lm-head gradient settings given to `apply_kernels`;
+    otherwise fp32 logits and torch's cross-entropy. Reductions over tokens that are not `ignore_index`:
+    "mean", or the sum divided by `num_items_in_batch` when given (gradient-accumulation micro-batches then
+    add up to the mean over the whole batch); "sum". `weights` (per token) multiply each token's loss, with
+    reduction "sum". Returns an fp32 0-dim tensor.
     """
     if shift_labels.shape != hidden_states.shape[:-1]:
         raise ValueError(f"shift_labels has shape {tuple(shift_labels.shape)}, expected "
                          f"{tuple(hidden_states.shape[:-1])} (the hidden states' batch and sequence)")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"causal_lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if weights is not None and reduction != "sum":
+        raise ValueError("causal_lm_loss: per-token weights need reduction='sum'")
+    lm_head = causal_lm.lm_head
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     target = shift_labels.reshape(-1).to(x.device)
-    if num_items_in_batch is None:
-        return fused_linear_cross_entropy(x, lm_head.weight, target, lm_head.bias, ignore_index=ignore_index,
-                                          dw_accumulation=dw_accumulation)
-    loss = fused_linear_cross_entropy(x, lm_head.weight, target, lm_head.bias, ignore_index=ignore_index,
-                                      reduction="sum", dw_accumulation=dw_accumulation)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+    token_weights = None if weights is None else weights.reshape(-1).float()
+    if num_items_in_batch is not None:
+        reduction = "sum"
+    if isinstance(causal_lm, _FusedCausalLM) and type(lm_head) is nn.Linear:
+        loss = fused_linear_cross_entropy(x, lm_head.weight, target, lm_head.bias, ignore_index=ignore_index,
+                                          reduction=reduction, weights=token_weights,
+                                          dw_accumulation=causal_lm.lce_dw_accumulation).float()
+    else:
+        losses = nn.functional.cross_entropy(lm_head(x).float(), target, reduction="none", ignore_index=ignore_index)
+        if token_weights is not None:
+            losses = losses * token_weights
+        loss = losses.sum() if reduction == "sum" else losses.sum() / (target != ignore_index).sum().clamp_min(1)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
 
 
 @functools.cache

@@ -1,63 +1,55 @@
 """Context-parallel attention inside Hugging Face models, without touching their modelling code.
 
 Importing this module registers `ATTENTION_NAME` in transformers' `AttentionInterface`; a model whose
-(text) config has `_attn_implementation = ATTENTION_NAME` then sends every attention call here. The call
-carries no CP information, so the trainer states it around the forward and backward:
+(text) config has `_attn_implementation = ATTENTION_NAME` then sends every attention call here. transformers
+hands the keyword arguments of the model's forward down to its attention functions, so the sequence
+structure travels with the call that needs it, and activation checkpointing replays it in backward:
 
-    with cp_context(groups, algorithm="ring", cu_seqlens=plan.cu_seqlens(device)):
-        loss = model(input_ids=shard(ids, plan, rank), position_ids=shard(pos, plan, rank), ...).loss
-        loss.backward()
+    sequence = CPSequence(groups, algorithm="ring", cu_seqlens=plan.cu_seqlens(device))
+    loss = model(input_ids=shard(ids, plan, rank), position_ids=shard(pos, plan, rank), ...,
+                 context_parallel=sequence).loss
+    loss.backward()
 
-Inputs, position ids and shifted labels must be sharded with the same plan (`longvl.parallel.plan_for`); the model's
-own attention mask is ignored (documents come from `cu_seqlens`, causality from the module). Vision
+Inputs, position ids and shifted labels must be sharded with the same plan (`longvl.parallel.plan_for`); the
+model's own attention mask is ignored (documents come from `cu_seqlens`, causality from the module). Vision
 encoders with full attention over their own images should keep a local implementation ("sdpa").
 """
-import contextlib
 import dataclasses
 
+import torch
 from transformers import AttentionInterface
 
 from longvl.parallel.attention import context_parallel_attention
 from longvl.parallel.mesh import CPGroups
 
 ATTENTION_NAME = "longvl_context_parallel"
+KWARG = "context_parallel"
 
 
-@dataclasses.dataclass
-class _CPState:
+@dataclasses.dataclass(frozen=True)
+class CPSequence:
+    """How one forward's sequence is laid out over the context-parallel group (`plan_for` made the plan)."""
     groups: CPGroups
-    algorithm: str
-    cu_seqlens: object
-    backend: str
-
-
-_ACTIVE: list = []
-
-
-@contextlib.contextmanager
-def cp_context(groups: CPGroups, algorithm="auto", cu_seqlens=None, backend="auto"):
-    """Route `ATTENTION_NAME` attention calls through context parallelism over `groups` inside the block."""
-    _ACTIVE.append(_CPState(groups, algorithm, cu_seqlens, backend))
-    try:
-        yield
-    finally:
-        _ACTIVE.pop()
+    algorithm: str = "auto"
+    cu_seqlens: torch.Tensor | None = None   # the plan's padded `cu_seqlens(device)`; None for one sequence
+    backend: str = "auto"                    # single-GPU attention backend (parallel.block_attention)
 
 
 def cp_attention_forward(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
-                         is_causal=None, **kwargs):
+                         is_causal=None, context_parallel: CPSequence | None = None, **kwargs):
     """transformers attention function: q, k, v (B, H, S_local, D) -> ((B, S_local, H, D), None)."""
-    if not _ACTIVE:
-        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} called outside longvl.parallel.hf.cp_context")
+    if context_parallel is None:
+        raise ValueError(f"attention implementation {ATTENTION_NAME!r} needs the sequence layout: call the model "
+                         f"with {KWARG}=CPSequence(groups, algorithm, cu_seqlens)")
     if dropout:
         raise ValueError("context-parallel attention does not implement attention dropout")
     if kwargs.get("sliding_window") is not None:
         raise ValueError("context-parallel attention does not implement sliding-window attention")
-    state = _ACTIVE[-1]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = context_parallel_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                     groups=state.groups, algorithm=state.algorithm, causal=causal,
-                                     cu_seqlens=state.cu_seqlens, scale=scaling, backend=state.backend)
+                                     groups=context_parallel.groups, algorithm=context_parallel.algorithm,
+                                     causal=causal, cu_seqlens=context_parallel.cu_seqlens, scale=scaling,
+                                     backend=context_parallel.backend)
     return out, None
 
 

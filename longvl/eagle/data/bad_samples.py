@@ -56,9 +56,10 @@ def guarded_call(timeout_s, fn, *args):
 
 
 class BadSampleLog:
-    """Counts skipped samples by reason and dataset, keeps a few examples of each, logs every one."""
+    """Counts skipped samples by reason and dataset and keeps every event; callers print one summary line."""
 
     def __init__(self, examples_per_reason=5):
+        self.events = []   # every skip, {dataset, id, reason, detail}, for the run's bad-sample file
         self.by_reason = Counter()
         self.by_dataset = Counter()
         self.examples = {}
@@ -67,10 +68,11 @@ class BadSampleLog:
     def add(self, dataset, record_id, reason, detail):
         self.by_reason[reason] += 1
         self.by_dataset[dataset] += 1
+        self.events.append({"dataset": dataset, "id": record_id, "reason": reason, "detail": detail})
         kept = self.examples.setdefault(reason, [])
         if len(kept) < self.examples_per_reason:
             kept.append({"dataset": dataset, "id": record_id, "detail": detail})
-        logger.warning("skipping bad sample %s/%s (%s): %s", dataset, record_id, reason, detail)
+        logger.debug("skipping bad sample %s/%s (%s): %s", dataset, record_id, reason, detail)
 
     def add_event(self, event):
         """Record an event dict as produced in a worker: {dataset, id, reason, detail}."""

@@ -173,6 +173,7 @@ class DatasetIndex:
     frames: np.ndarray
     video_meta: dict  # record number -> list of per-video metadata (only records with videos)
     bad: int  # records the index marked unusable
+    bad_events: list  # {dataset, id, reason, detail} of each of them
 
 
 def load_index(spec, max_length, backend_spec=None):
@@ -205,6 +206,8 @@ def load_index(spec, max_length, backend_spec=None):
         lengths=column("length"), images=column("images"), frames=column("frames"),
         video_meta={row["i"]: row["video_meta"] for row in good if row["video_meta"]},
         bad=len(rows) - len(good),
+        bad_events=[{"dataset": spec.name, "id": row["id"], "reason": row["reason"], "detail": row["detail"]}
+                    for row in rows if not row["ok"]],
     )
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 
 import torch
 
@@ -45,13 +46,14 @@ def _init_worker(_worker_id):
 class ResumableLoader:
     """Iterates batches of one epoch per `for` loop; state_dict() / load_state_dict() resume exactly."""
 
-    def __init__(self, dataset, sampler, num_workers=2, prefetch_factor=4, pin_memory=False,
-                 pad_token_id=0, pad_to_multiple_of=1, image_size=448):
+    def __init__(self, dataset, sampler, *, image_token_id, tokens_per_tile, num_workers=2, prefetch_factor=4,
+                 pin_memory=False, pad_token_id=0, pad_to_multiple_of=1, image_size=448):
         self.sampler = sampler
         self.bad_samples = BadSampleLog()
         self.index_bad = sum(index.bad for index in sampler.indexes)
-        collate = functools.partial(collate_pack, pad_token_id=pad_token_id,
-                                    pad_to_multiple_of=pad_to_multiple_of, image_size=image_size)
+        collate = functools.partial(collate_pack, image_token_id=image_token_id, tokens_per_tile=tokens_per_tile,
+                                    pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                                    image_size=image_size)
         options = {}
         if num_workers > 0:
             options = {"multiprocessing_context": "spawn", "persistent_workers": True,
@@ -67,8 +69,8 @@ class ResumableLoader:
     def __iter__(self):
         self.sampler.load_state_dict(self._state)
         for batch in self.loader:
-            self._state = batch.pop("resume_state")
-            for event in batch["stats"]["bad_samples"]:
+            self._state, batch.resume_state = batch.resume_state, None
+            for event in batch.stats.bad_samples:
                 self.bad_samples.add_event(event)
             yield batch
         logger.info("epoch done; %s", self.summary())
@@ -83,19 +85,30 @@ class ResumableLoader:
     def summary(self):
         return f"{self.bad_samples.summary()} at load time; {self.index_bad} records excluded by the index"
 
+    def bad_sample_report(self):
+        """Samples skipped so far, the index's exclusions included: {total, by_reason (Counter), events}."""
+        events = [dict(event, when="index") for index in self.sampler.indexes for event in index.bad_events]
+        events += [dict(event, when="load") for event in self.bad_samples.events]
+        by_reason = Counter(event["reason"] for event in events)
+        return {"total": len(events), "by_reason": by_reason, "events": events}
+
 
 def build_loader(mixture_path, max_length, backend_spec=None, rank=0, world_size=1, seed=0, num_workers=2,
                  prefetch_factor=4, timeout_s=60.0, max_images=None, max_frames=None, pad_token_id=0,
-                 pad_to_multiple_of=1, image_size=448, pin_memory=False):
-    """Loader for one training stage: reads the mixture's indexes (built by `python -m longvl.eagle.data.index`)."""
+                 pad_to_multiple_of=1, image_size=448, pin_memory=False, *, image_token_id, tokens_per_tile):
+    """Loader for one training stage: reads the mixture's indexes (built by `python -m longvl.eagle.data.index`).
+
+    `image_token_id` and `tokens_per_tile` say where each tile's features go in the token sequence (the
+    model's `<IMG_CONTEXT>` id and its tokens per tile)."""
     mixture = load_mixture(mixture_path)
     backend_spec = backend_spec or BackendSpec()
     indexes = [load_index(spec, max_length, backend_spec) for spec in mixture.datasets]
     sampler = PackSampler(indexes, mixture, max_length, rank, world_size, seed, max_images, max_frames)
     sources = [DatasetSource(spec.name, spec.annotation, spec.root) for spec in mixture.datasets]
     dataset = PackDataset(sources, backend_spec, max_length, timeout_s)
-    return ResumableLoader(dataset, sampler, num_workers, prefetch_factor, pin_memory, pad_token_id,
-                           pad_to_multiple_of, image_size)
+    return ResumableLoader(dataset, sampler, image_token_id=image_token_id, tokens_per_tile=tokens_per_tile,
+                           num_workers=num_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+                           pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, image_size=image_size)
 
 
 def measure(loader, steps, step_seconds):
@@ -107,7 +120,7 @@ def measure(loader, steps, step_seconds):
     start = time.perf_counter()
     batch = next(batches)
     first = time.perf_counter() - start
-    waits, tokens, tiles = [], batch["stats"]["tokens"], batch["stats"]["tiles"]
+    waits, tokens, tiles = [], batch.stats.tokens, batch.stats.tiles
     for _ in range(steps - 1):
         time.sleep(step_seconds)
         start = time.perf_counter()
@@ -115,8 +128,8 @@ def measure(loader, steps, step_seconds):
         if batch is None:
             break
         waits.append(time.perf_counter() - start)
-        tokens += batch["stats"]["tokens"]
-        tiles += batch["stats"]["tiles"]
+        tokens += batch.stats.tokens
+        tiles += batch.stats.tiles
     waited = sum(waits)
     return {"first_batch_s": first, "batches": len(waits) + 1, "mean_wait_s": waited / max(len(waits), 1),
             "data_share": waited / max(waited + step_seconds * len(waits), 1e-9), "tokens": tokens, "tiles": tiles}
@@ -133,8 +146,10 @@ def main(argv=None):
     parser.add_argument("--backend", default=BackendSpec().factory)
     parser.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments for the backend")
     args = parser.parse_args(argv)
-    loader = build_loader(args.data, args.max_length, BackendSpec(args.backend, json.loads(args.backend_kwargs)),
-                          num_workers=args.workers, prefetch_factor=args.prefetch)
+    spec = BackendSpec(args.backend, json.loads(args.backend_kwargs))
+    processor = spec.build().processor
+    loader = build_loader(args.data, args.max_length, spec, num_workers=args.workers, prefetch_factor=args.prefetch,
+                          image_token_id=processor.image_token_id, tokens_per_tile=processor.tokens_per_tile)
     result = measure(loader, args.steps, args.step_seconds)
     print(json.dumps(result))
     print(loader.summary())

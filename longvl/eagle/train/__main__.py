@@ -1,28 +1,30 @@
-"""`python -m longvl.eagle.train --config demo [--section.key=value ...]`, alone or under torchrun.
+"""Train Eagle 2.5 progressively: `python -m longvl.eagle.train --config demo [--section.key=value ...]`.
 
-Without torchrun it trains as a world of one process (gloo on CPU, nccl on GPU).
+The same command runs alone (a world of one process: gloo on CPU, nccl on a GPU) or under torchrun:
+    torchrun --nproc-per-node 8 -m longvl.eagle.train --config eagle25-8b --stages.2.cp=8
+`longvl-train` is the same entry point as a console script. --config takes a preset (demo, eagle25-8b) or a
+YAML file; every key below can be overridden with --key=value (stage keys as --stages.N.key=value).
 """
 import argparse
 import sys
 
-from longvl import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA before any kernel is defined)
-import torch.distributed as dist
-
-from longvl.eagle.train.config import load_config
-from longvl.eagle.train.trainer import train
+from longvl.eagle.train.config import ConfigError, describe_keys, load_config
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m longvl.eagle.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="config keys:\n" + describe_keys())
     parser.add_argument("--config", default="demo", help="preset name (demo, eagle25-8b) or a YAML file")
     args, overrides = parser.parse_known_args(argv)
-    config = load_config(args.config, overrides)
     try:
-        train(config)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"{parser.prog}: config error: {error}", file=sys.stderr)
+        return 2
+    from longvl.eagle.train.trainer import train  # after validation: nothing heavy is built for a bad config
+
+    train(config)
     return 0
 
 

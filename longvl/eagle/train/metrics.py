@@ -74,17 +74,21 @@ class MetricsLogger:
             self.records = [r for r in read_jsonl(self.path) if r["step"] <= resume_from_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.file = open(self.path, "a")
+        missing_tensorboard = False
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
             except ImportError:  # tensorboard is optional: JSONL and the plot still record everything
-                self.writer = None
+                missing_tensorboard = True
         if progress_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        if missing_tensorboard:
+            self.message("metrics.tensorboard is on but the tensorboard package is not installed: metrics go to "
+                         f"{self.path} and the plot only (pip install tensorboard, or set metrics.tensorboard=false)")
 
     def advance_to(self, step: int) -> None:
         if self.bar is not None:
@@ -103,7 +107,8 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, record["step"])
         if self.bar is not None:
             self.bar.n = record["step"]
-            self.bar.set_postfix(stage=record.get("stage"), loss=f"{record['loss']:.4f}",
+            loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+            self.bar.set_postfix(stage=record.get("stage"), loss=loss,
                                  tok_s_gpu=f"{record['tokens_per_s_per_gpu']:.0f}", refresh=False)
             self.bar.refresh()
 
@@ -140,7 +145,7 @@ def plot_metrics(jsonl_path: str | os.PathLike, png_path: str | os.PathLike) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_jsonl(jsonl_path) if "loss" in r]
+    records = [r for r in read_jsonl(jsonl_path) if r.get("loss") is not None]
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_tput) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     ax_loss.plot(steps, [r["loss"] for r in records], lw=1)

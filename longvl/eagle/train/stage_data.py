@@ -59,9 +59,9 @@ def prepare(config, rank: int) -> DataInfo:
                     pad_token_id=tokenizer.pad_token_id or 0)
 
 
-def backend_spec(factory: str, info: DataInfo, model_config, stage) -> BackendSpec:
+def backend_spec(info: DataInfo, model_config, stage) -> BackendSpec:
     """The processor settings of a stage: the model's tile geometry and the stage's frame and tile caps."""
-    return BackendSpec(factory, kwargs={"tokenizer": info.tokenizer, "tile_size": model_config.force_image_size,
+    return BackendSpec(kwargs={"tokenizer": info.tokenizer, "tile_size": model_config.force_image_size,
                                "tokens_per_tile": model_config.tokens_per_tile,
                                "max_frames": stage.max_frames, "min_frames": min(8, stage.max_frames),
                                "max_tiles": stage.max_tiles})
@@ -84,27 +84,23 @@ class StageLoader:
 
     def __init__(self, config, info: DataInfo, model_config, stage, dp_rank: int, dp: int,
                  state: dict | None = None):
-        spec = backend_spec(config.data.backend, info, model_config, stage)
+        spec = backend_spec(info, model_config, stage)
         if dist.get_rank() == 0 and not _index_is_current(info.mixture, stage.max_length, spec):
             build_indexes(info.mixture, stage.max_length, spec, workers=config.data.index_workers)
         dist.barrier()
-        self.tokens_per_tile = model_config.tokens_per_tile
         self.loader = build_loader(info.mixture, stage.max_length, spec, rank=dp_rank, world_size=dp,
                                    seed=config.data.seed, num_workers=config.data.num_workers,
-                                   pad_token_id=info.pad_token_id, image_size=model_config.force_image_size)
+                                   pad_token_id=info.pad_token_id, image_size=model_config.force_image_size,
+                                   image_token_id=info.image_token_index, tokens_per_tile=model_config.tokens_per_tile)
         if state is not None:
             self.loader.load_state_dict(state)
 
     def __iter__(self):
         while True:
-            for batch in self.loader:
-                stats = batch["stats"]
-                lengths = batch["cu_seqlens"].diff().tolist()
-                if stats["padding_tokens"]:
-                    lengths = lengths[:-1]
-                batch.update(num_tokens=stats["tokens"], doc_lengths=lengths, num_tiles_total=stats["tiles"],
-                             num_image_rows=stats["tiles"] * self.tokens_per_tile)
-                yield batch
+            yield from self.loader
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
+
+    def bad_sample_report(self) -> dict:
+        return self.loader.bad_sample_report()
