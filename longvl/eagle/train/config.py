@@ -137,6 +137,8 @@ class FaultsConfig:
 @dataclasses.dataclass
 class TrainConfig:
     seed: int = option(0, "seed of the model's random initialisation")
+    deterministic: bool = option(False, "deterministic GPU kernels: reruns and resumes give bitwise-identical "
+                                        "losses, at some speed cost")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     stages: list[StageConfig] = dataclasses.field(default_factory=lambda: [StageConfig()])

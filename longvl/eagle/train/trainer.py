@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,6 +34,12 @@ from longvl.parallel.hf import ATTENTION_NAME
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 LM_HEAD_GRADIENT = {("tokens", "float32"): "fp32", ("tokens", "weight_dtype"): "weight_dtype",
                     ("vocab", "float32"): "per_vocab_chunk"}
+
+
+def use_deterministic_kernels() -> None:
+    """Make every GPU kernel of a step deterministic, or fail loudly where one is not (before CUDA starts)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to be deterministic
+    torch.use_deterministic_algorithms(True)
 
 
 def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -166,6 +173,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        if config.deterministic:
+            use_deterministic_kernels()
         self.rank, self.world, self.device = init_distributed()
         torch.manual_seed(config.seed)
         self.fsdp_mesh = build_fsdp_mesh(self.world)
