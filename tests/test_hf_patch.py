@@ -89,11 +89,12 @@ def _batch(device, family="qwen2", batch=2, seq=11, vocab=VOCAB):
 
 def _fused_counts(model):
     """How many modules of each kind apply_kernels swapped (its classes live in longvl.kernels.hf_patch)."""
-    counts = dict.fromkeys(("RMSNorm", "MLP", "Attention", "CausalLM"), 0)
+    counts = dict.fromkeys(("RMSNorm", "MLP", "Attention", "RotaryEmbedding", "CausalLM"), 0)
     for module in model.modules():
         if type(module).__module__ == "longvl.kernels.hf_patch":
             name = type(module).__name__
-            counts[next((kind for kind in ("RMSNorm", "MLP", "Attention") if name.endswith(kind)), "CausalLM")] += 1
+            kinds = ("RMSNorm", "MLP", "Attention", "RotaryEmbedding")
+            counts[next((kind for kind in kinds if name.endswith(kind)), "CausalLM")] += 1
     return counts
 
 
@@ -127,7 +128,7 @@ def _expected_counts(family, layers=2):
     """Fused modules apply_kernels must produce: per layer 2 norms (+ Qwen3's q/k norms), one MLP, one
     attention block, plus the final norm; Eagle's SigLIP tower adds none."""
     norms = 2 * layers + 1 + (2 * layers if family == "qwen3" else 0)
-    return {"RMSNorm": norms, "MLP": layers, "Attention": layers, "CausalLM": 1}
+    return {"RMSNorm": norms, "MLP": layers, "Attention": layers, "RotaryEmbedding": 1, "CausalLM": 1}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -218,13 +219,13 @@ def test_class_level_patch(tmp_path, device):
     patch_model_class(TinyQwen2, rope=False)  # patching again replaces the flags, it does not stack
     model_class, config = _config("qwen2")
     built = TinyQwen2(config)
-    assert _fused_counts(built) == {"RMSNorm": 5, "MLP": 2, "Attention": 0, "CausalLM": 1}
+    assert _fused_counts(built) == {"RMSNorm": 5, "MLP": 2, "Attention": 0, "RotaryEmbedding": 0, "CausalLM": 1}
     assert isinstance(built, TinyQwen2) and type(built).__name__ == "TinyQwen2"
     _randomize(built).save_pretrained(tmp_path)
     loaded = TinyQwen2.from_pretrained(tmp_path)
     assert _fused_counts(loaded) == _fused_counts(built)
     reference = model_class.from_pretrained(tmp_path)
-    assert _fused_counts(reference) == dict.fromkeys(("RMSNorm", "MLP", "Attention", "CausalLM"), 0)
+    assert _fused_counts(reference) == dict.fromkeys(("RMSNorm", "MLP", "Attention", "RotaryEmbedding", "CausalLM"), 0)
     batch = _batch(device)
     loaded, reference = loaded.to(device).train(), reference.to(device).train()
     torch.testing.assert_close(loaded(**batch).loss, reference(**batch).loss, rtol=1e-5, atol=0)
@@ -232,7 +233,7 @@ def test_class_level_patch(tmp_path, device):
 
 def test_flags_and_idempotence(device):
     reference, patched = _pair("llama", device, rms_norm=False, swiglu=False, linear_cross_entropy=False)
-    assert _fused_counts(patched) == {"RMSNorm": 0, "MLP": 0, "Attention": 2, "CausalLM": 0}
+    assert _fused_counts(patched) == {"RMSNorm": 0, "MLP": 0, "Attention": 2, "RotaryEmbedding": 1, "CausalLM": 0}
     apply_kernels(patched)
     apply_kernels(patched)
     assert _fused_counts(patched) == _expected_counts("llama")
@@ -358,3 +359,26 @@ def test_bf16_training_on_gpu_at_realistic_width(family):
     prompt = torch.randint(0, 32000, (2, 16), device="cuda")
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
     assert torch.equal(ours32.generate(prompt, **settings), reference32.eval().generate(prompt, **settings))
+
+
+def test_rotary_angles_stay_exact_at_a_million_positions():
+    """HF's fp32 angles drift by hundredths of a radian near 10^6; the patched embedding matches fp64 cos/sin."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, rope_theta=1e6,
+                         max_position_embeddings=2**21)
+    rotary = Qwen2ForCausalLM(config).model.rotary_emb
+    positions = torch.tensor([[0, 1, 4095, 524_287, 1_048_575, 1_048_576, 2_000_003]])
+    dim = 128
+    inv = 1.0 / (1e6 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = positions[..., None].double() * inv
+    want_cos, want_sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    x = torch.zeros(1, 1, dtype=torch.float32)
+    hf_cos, _ = rotary(x, positions)
+    apply_kernels(Qwen2ForCausalLM(config), linear_cross_entropy=False)  # the class patch is per instance
+    model = apply_kernels(Qwen2ForCausalLM(config))
+    cos, sin = model.model.rotary_emb(x, positions)
+    assert (hf_cos.double() - want_cos).abs().max() > 1e-3          # the fp32 drift this patch removes
+    torch.testing.assert_close(cos.double(), want_cos, rtol=0, atol=2e-7)  # one fp32 rounding of cos / sin
+    torch.testing.assert_close(sin.double(), want_sin, rtol=0, atol=2e-7)

@@ -111,6 +111,31 @@ class _FusedRopeAttention:
         return self.o_proj(output), weights
 
 
+class _PreciseRotaryEmbedding:
+    """HF's rotary embedding with its angles computed in float64, then cos / sin rounded once.
+
+    HF forms `position x inv_freq` in fp32: at position 10^6 the product (and the fp32 inverse frequency
+    itself) carries an error of up to ~0.06 rad, which makes distant tokens rotate to the wrong place. In fp64
+    the angle error stays below 1e-9 rad up to 2^31 positions. Only the default RoPE type is patched (scaled
+    variants keep HF's forward).
+    """
+
+    def forward(self, x, position_ids):
+        if getattr(self, "rope_type", "default") != "default":
+            return super().forward(x, position_ids)
+        inv_freq = getattr(self, "_inv_freq_fp64", None)
+        if inv_freq is None or inv_freq.device != x.device:
+            dim = 2 * self.inv_freq.numel()
+            params = getattr(self.config, "rope_parameters", None) or {}
+            theta = params.get("rope_theta", getattr(self.config, "rope_theta", None))
+            inv_freq = 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim))
+            self._inv_freq_fp64 = inv_freq
+        angles = position_ids[..., None].double() * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
 class _FusedCausalLM:
     """Causal LM whose training loss never materialises the (tokens x vocab) logits.
 
@@ -204,6 +229,7 @@ def _targets():
         targets[getattr(module, f"{prefix}RMSNorm")] = ("rms_norm", _FusedRMSNorm)
         targets[getattr(module, f"{prefix}MLP")] = ("swiglu", _FusedSwiGLUMLP)
         targets[getattr(module, f"{prefix}Attention")] = ("rope", _FusedRopeAttention)
+        targets[getattr(module, f"{prefix}RotaryEmbedding")] = ("rope", _PreciseRotaryEmbedding)
         targets[getattr(module, f"{prefix}ForCausalLM")] = ("linear_cross_entropy", _FusedCausalLM)
     return targets
 
