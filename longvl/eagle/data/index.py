@@ -115,7 +115,11 @@ def _index_folder(spec):
     if os.path.islink(folder):
         raise ValueError(f"index folder {folder} is a symlink: refusing to write through it (remove it, or "
                          "name a cache folder)")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot create the index folder {folder} ({error.strerror}): name a writable "
+                                   "cache folder (--cache-dir / cache_dir=)") from error
     return folder
 
 

@@ -6,14 +6,14 @@ followed by a newline, with one tile per frame. Labels cover assistant text and 
 
 Text is tokenised once, piece by piece between placeholders, so its length never depends on the visual
 content: Automatic Degrade Sampling can price visual content separately and exactly. Content is text and
-only text (`plain_text_encoder`): `<|im_end|>`, `<IMG_CONTEXT>` or `<img>` typed by a user or written in an
+only text (`PlainTextEncoder`): `<|im_end|>`, `<IMG_CONTEXT>` or `<img>` typed by a user or written in an
 answer are tokenised as characters; control and image tokens come from the template alone.
 """
 import dataclasses
 import re
 from functools import lru_cache
 
-from longvl.eagle.processing.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, plain_text_encoder
+from longvl.eagle.processing.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, PlainTextEncoder
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -32,7 +32,7 @@ class ChatTemplate:
         self.tokens_per_tile = tokens_per_tile
         ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>"])
         self.img_start, self.img_end, self.img_context, self.im_start, self.im_end = ids
-        self.encode_text = plain_text_encoder(tokenizer)  # str -> ids, never a control or image token
+        self.encode_text = PlainTextEncoder(tokenizer)  # str -> ids, never a control or image token
         self.newline = self.encode_text("\n")
         self.frame_prefix = lru_cache(maxsize=8192)(self._frame_prefix)
 
