@@ -13,7 +13,7 @@ import torch
 
 from longvl.eagle.data import build_indexes
 from longvl.eagle.data import build_loader as _build_loader
-from longvl.eagle.data.backend import BackendSpec
+from longvl.eagle.data.backend import BackendSpec, ProcessorBackend
 from longvl.eagle.data.dataset import DatasetSource, PackDataset
 from longvl.eagle.data.index import index_path, load_index
 from longvl.eagle.data.index import main as index_main
@@ -39,10 +39,11 @@ def build_loader(*args, **kwargs):
     return _build_loader(*args, image_token_id=IMAGE_TOKEN, tokens_per_tile=TOKENS_PER_TILE, **kwargs)
 
 
-EXPECTED_BAD = {"missing_file": 1, "corrupt_media": 2, "path_escape": 1, "malformed": 1, "too_long": 1}
+EXPECTED_BAD = {"missing_file": 1, "corrupt_media": 2, "path_escape": 1, "image_too_large": 1, "malformed": 2,
+                "too_long": 1}
 
 
-class FaultyBackend:
+class FaultyBackend(ProcessorBackend):
     """The real backend, except that chosen records sleep (timeouts) or come out longer than planned."""
 
     def __init__(self, slow=(), longer=(), **options):
@@ -66,22 +67,28 @@ class FaultyBackend:
 def dataset_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     summary = generate(str(out), num=40, seed=0)
-    assert summary == {"records": 40, "broken": 6}
+    assert summary == {"records": 40, "broken": 8}
     report = build_indexes(str(out / "mixture.yaml"), MAX_LENGTH, BACKEND, workers=0)
     return out, report
 
 
 def test_index_accounts_for_every_record_and_reports_throughput(dataset_dir):
     out, report = dataset_dir
-    assert report["records"] == 46
+    assert report["records"] == 48
     assert report["bad_samples"]["by_reason"] == EXPECTED_BAD
-    assert report["samples_per_second"] > 0 and "bad samples: 6" in report["bad_summary"]
-    ids = {e["id"] for examples in report["bad_samples"]["examples"].values() for e in examples}
-    assert {"bad-missing", "bad-corrupt-image", "bad-escape", "bad-corrupt-video", "bad-too-long"} <= ids
-    assert any(i.startswith("single_image:") for i in ids)  # the malformed line is named by its position
+    assert report["samples_per_second"] > 0 and "bad samples: 8" in report["bad_summary"]
+    events = report["bad_sample_log"].events
+    ids = {event.id for event in events}
+    assert {"bad-missing", "bad-corrupt-image", "bad-escape", "bad-corrupt-video", "bad-too-long", "bad-huge-image",
+            "bad-null-conversations"} <= ids
+    truncated = next(event for event in events if event.id.startswith("single_image:"))  # named by its place
+    lines = (out / "single_image.jsonl").read_bytes().split(b"\n")
+    line = next(n for n, text in enumerate(lines, start=1) if text.startswith(b'{"id": "bad-malformed"'))
+    assert truncated.file == str(out / "single_image.jsonl") and truncated.position == f"line {line}"
+    assert truncated.reason == "malformed" and "invalid JSON" in truncated.detail
     for spec in load_mixture(str(out / "mixture.yaml")).datasets:
         index = load_index(spec, MAX_LENGTH)
-        assert len(index.records) + index.bad == report["datasets"][spec.name]["records"]
+        assert len(index.records) + len(index.excluded) == report["datasets"][spec.name]["records"]
         assert (index.lengths > 0).all() and (index.lengths <= MAX_LENGTH).all()
         if spec.name == "video":
             assert (index.frames >= 2).all() and len(index.video_meta) == len(index.records)
@@ -97,7 +104,7 @@ def test_synthetic_media_vary_in_size_and_the_commands_report(dataset_dir, tmp_p
     index_main(["--data", str(tmp_path / "data" / "mixture.yaml"), "--max-length", str(MAX_LENGTH),
                 "--workers", "0", "--backend", BACKEND.factory, "--backend-kwargs", json.dumps(OPTIONS)])
     printed = capsys.readouterr().out
-    assert "samples/s" in printed and "bad samples: 6" in printed and "video: 10/11 usable" in printed
+    assert "samples/s" in printed and "bad samples: 8" in printed and "video: 10/11 usable" in printed
 
 
 def test_index_refuses_stale_or_missing_files(dataset_dir, tmp_path):
@@ -154,7 +161,9 @@ def test_loader_epoch_resume_and_bad_sample_summary(dataset_dir):
         _check_batch(batch)
         assert batch.input_ids.shape[1] % 8 == 0
     assert sum(b.stats.frames for b in epoch) > sum(b.stats.images for b in epoch)  # video-heavy
-    assert loader.bad_samples.total == 0 and "6 records excluded by the index" in loader.summary()
+    assert loader.bad_samples.total == 0 and loader.summary().startswith("bad samples: 8 (")
+    assert loader.summary().endswith("excluded by the index, 0 skipped while loading, 0 packs without a usable "
+                                     "document")
     assert loader.state_dict()["epoch"] == 0  # saved after the last batch; the next loop starts epoch 1
 
     resumed = build_loader(mixture, MAX_LENGTH, BACKEND, num_workers=0, seed=3, pad_to_multiple_of=8)
@@ -186,7 +195,7 @@ def test_pack_dataset_skips_timeouts_overlong_and_vanished_samples(dataset_dir, 
     start = time.perf_counter()
     pack = dataset[PackRequest(docs, {"step": 1})]
     assert time.perf_counter() - start < 20
-    assert [(e["id"], e["reason"]) for e in pack.bad_samples] == [("si-00000", "timeout"),
+    assert [(e.id, e.reason) for e in pack.bad_samples] == [("si-00000", "timeout"),
                                                                    ("si-00001", "length_mismatch")]
     assert [doc["id"] for doc in pack.docs] == ["si-00002"] and pack.state == {"step": 1}
     with open(spec.annotation, "rb") as handle:
@@ -194,7 +203,8 @@ def test_pack_dataset_skips_timeouts_overlong_and_vanished_samples(dataset_dir, 
         image = json.loads(handle.readline())["image"]
     os.remove(os.path.join(spec.root, image))  # media deleted after indexing
     pack = dataset[PackRequest(docs[2:], {})]
-    assert pack.docs == [] and pack.bad_samples[0]["reason"] == "missing_file"
+    assert pack.docs == [] and pack.bad_samples[0].reason == "missing_file"
+    assert (pack.bad_samples[0].file, pack.bad_samples[0].position) == (spec.annotation, f"byte {docs[2].offset}")
 
 
 def test_pack_dataset_uses_the_index_video_metadata(dataset_dir, monkeypatch):
@@ -212,7 +222,7 @@ def test_pack_dataset_uses_the_index_video_metadata(dataset_dir, monkeypatch):
     assert [len(doc["input_ids"]) for doc in pack.docs] == [doc.length for doc in docs]
     assert all(doc["frames"] >= 2 for doc in pack.docs)
     stale = DocRef(0, docs[0].record, docs[0].offset, docs[0].length, docs[0].video_meta * 2)
-    assert dataset[PackRequest((stale,), {})].bad_samples[0]["reason"] == "process_error"
+    assert dataset[PackRequest((stale,), {})].bad_samples[0].reason == "process_error"
 
 
 def test_spawn_workers_match_in_process_loading(dataset_dir):
@@ -237,11 +247,11 @@ def test_index_with_spawn_pool_matches_in_process(dataset_dir, tmp_path):
     assert pooled["startup_seconds"] > 0 and pooled["samples_per_second"] > 0
     rows = {}
     for spec in load_mixture(mixture).datasets:
-        with open(index_path(spec.annotation, 3000), encoding="utf-8") as handle:
+        with open(index_path(spec, 3000), encoding="utf-8") as handle:
             rows[spec.name] = [json.loads(line) for line in handle][1:]
     build_indexes(mixture, 3000, BACKEND, workers=0)
     for spec in load_mixture(mixture).datasets:
-        with open(index_path(spec.annotation, 3000), encoding="utf-8") as handle:
+        with open(index_path(spec, 3000), encoding="utf-8") as handle:
             assert [json.loads(line) for line in handle][1:] == rows[spec.name]
     assert pooled["bad_samples"]["by_reason"]["path_escape"] == 1
 

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from longvl.eagle.data.bad_samples import BadSample, BadSampleLog, as_bad_sample, guarded_call
+from longvl.eagle.data.bad_samples import (BadSample, BadSampleEvent, BadSampleLog, as_bad_sample, guarded_call,
+                                           write_details)
 from longvl.eagle.data.mixture import load_mixture
 from longvl.eagle.data.records import parse_line, parse_record, scan_annotation
 
@@ -82,9 +83,10 @@ def test_scan_annotation_offsets(tmp_path):
     path = tmp_path / "d.jsonl"
     lines = ['{"a": 1}', "", '{"b": 22}', '{"c": 333}']
     path.write_text("\n".join(lines) + "\n")
-    offsets = scan_annotation(str(path))
+    lines = scan_annotation(str(path))
     data = path.read_bytes()
-    assert [json.loads(data[o:].split(b"\n", 1)[0]) for o in offsets] == [{"a": 1}, {"b": 22}, {"c": 333}]
+    assert [json.loads(data[o:].split(b"\n", 1)[0]) for _, o in lines] == [{"a": 1}, {"b": 22}, {"c": 333}]
+    assert [number for number, _ in lines] == [1, 3, 4]  # line numbers count the empty line
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
         scan_annotation(str(tmp_path / "nope.jsonl"))
 
@@ -168,12 +170,22 @@ def test_guarded_call_maps_errors_and_times_out():
         BadSample("oops", "x")
 
 
-def test_bad_sample_log_counts_and_summarises():
-    log = BadSampleLog(examples_per_reason=1)
+def test_bad_sample_log_counts_and_summarises(tmp_path, caplog):
+    log = BadSampleLog()
     assert log.summary() == "bad samples: none"
-    log.add("a", "r1", "missing_file", "gone")
-    log.add("a", "r2", "missing_file", "gone too")
-    log.add_event({"dataset": "b", "id": "r3", "reason": "timeout", "detail": "slow"})
+    events = [BadSampleEvent("a", "r1", "missing_file", "gone", "/d/a.jsonl", "line 1"),
+              BadSampleEvent("a", "r2", "missing_file", "gone too", "/d/a.jsonl", "line 7"),
+              BadSampleEvent("b", "r3", "timeout", "slow", "/d/b.json", "entry 2")]
+    with caplog.at_level("DEBUG"):
+        for event in events:
+            log.add(event)
+    assert caplog.records == []  # no log line per sample: one summary, details in a file
     assert log.total == 3 and log.as_dict()["by_dataset"] == {"a": 2, "b": 1}
-    assert log.examples["missing_file"] == [{"dataset": "a", "id": "r1", "detail": "gone"}]
-    assert "missing_file 2" in log.summary() and "timeout 1" in log.summary()
+    assert log.summary() == "bad samples: 3 (missing_file 2, timeout 1); by dataset: a 2, b 1"
+    path = write_details(str(tmp_path / "metrics" / "bad.jsonl"), log.details("load"))
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert rows[1] == {"when": "load", "dataset": "a", "id": "r2", "reason": "missing_file", "detail": "gone too",
+                       "file": "/d/a.jsonl", "position": "line 7"}
+    os.symlink(tmp_path / "target", tmp_path / "link.jsonl")  # a planted symlink is replaced, not written through
+    write_details(str(tmp_path / "link.jsonl"), log.details())
+    assert not (tmp_path / "target").exists() and not os.path.islink(tmp_path / "link.jsonl")

@@ -17,7 +17,7 @@ def _index(name, n, rng, video=False):
     return DatasetIndex(name=name, annotation=f"/x/{name}.jsonl", root="/x", records=np.arange(n) * 2,
                         offsets=np.arange(n) * 100, lengths=lengths, images=rng.integers(0, 3, n),
                         frames=rng.integers(8, 32, n) if video else np.zeros(n, dtype=np.int64),
-                        video_meta={2 * i: [{"frames": 10}] for i in range(n)} if video else {}, bad=0)
+                        video_meta={2 * i: [{"frames": 10}] for i in range(n)} if video else {})
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from longvl.eagle.data.synthetic import _write_png_declaring
 from longvl.eagle.processing.errors import ImageLoadError
-from longvl.eagle.processing.image_io import image_size, load_image
-from longvl.eagle.processing.tiling import candidate_grids, num_tiles, select_grid, tile_image
+from longvl.eagle.processing.image_io import ImageTooLargeError, decoded_from, image_size, load_image
+from longvl.eagle.processing.tiling import candidate_grids, cut_tiles, num_tiles, select_grid, tile_image
 
 # (width, height, min_tiles, max_tiles) -> (cols, rows); the reasoning for each is in the comment.
 HAND_COMPUTED = [
@@ -144,3 +145,88 @@ def test_extreme_aspect_ratio_tiles():
     grid = select_grid(*image.size, 56, 1, 12)
     assert grid == (1, 12)
     assert tile_image(image, grid, tile_size=56).shape == (13, 3, 56, 56)
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from longvl.eagle.processing.image_io import load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_image(sys.argv[1])
+    outcome = "decoded"
+except Exception as error:
+    outcome = type(error).__name__
+print(outcome, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_png_declaring_15000x11000_is_refused_from_its_header(tmp_path):
+    """A 20 KiB PNG declaring 165 M pixels (under Pillow's own bomb limit) must not be decoded: the header says
+    it exceeds the pixel cap, and peak memory stays far below one byte per declared pixel."""
+    import subprocess
+    import sys
+    path = tmp_path / "huge.png"
+    _write_png_declaring(str(path), (15000, 11000))
+    assert path.stat().st_size < 470 * 1024 and image_size(path, max_pixels=None) == (15000, 11000)
+    with pytest.raises(ImageTooLargeError, match="15000x11000"):
+        image_size(path)
+    with pytest.raises(ImageTooLargeError, match="max_pixels"):
+        load_image(path)
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True,
+                            check=True, timeout=120)
+    outcome, grown = result.stdout.split()
+    assert outcome == "ImageTooLargeError" and int(grown) < 15000 * 11000 // 8, result.stdout
+
+
+def test_processor_refuses_an_image_over_its_pixel_cap(tmp_path):
+    from longvl.eagle.processing.tokenizer import tiny_tokenizer
+    from longvl.eagle.processor import EagleProcessor
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (3000, 400), (9, 9, 9)).save(path)
+    message = [{"role": "user", "content": "<image>"}]
+    assert EagleProcessor(tiny_tokenizer(), tile_size=56, tokens_per_tile=4).plan(message, [path]).image_sizes
+    capped = EagleProcessor(tiny_tokenizer(), tile_size=56, tokens_per_tile=4, max_image_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError, match="1200000 pixels"):
+        capped.plan(message, [path])
+
+
+def _gradient(width, height):
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    return np.broadcast_to(np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=2), (height, width, 3))
+
+
+def test_large_jpeg_decodes_reduced_to_what_tiling_uses(tmp_path):
+    """A 4000x3000 JPEG tiled onto a 2x1 grid of 448 px tiles decodes at 1/4 scale (1000x750: the smallest that
+    still covers 896x448), and its tiles match those cut from the full decode."""
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(_gradient(4000, 3000).astype(np.uint8)).save(path, quality=95)
+    reduced = load_image(path, min_size=(896, 448))
+    assert reduced.size == (1000, 750) and decoded_from(reduced.size, image_size(path))
+    full = load_image(path)
+    assert full.size == (4000, 3000)
+    difference = np.abs(cut_tiles(reduced, (2, 1)).astype(int) - cut_tiles(full, (2, 1)).astype(int))
+    assert difference.mean() < 1.0 and difference.max() <= 8
+    # A cap below the full size but above the 1/8 decode: accepted from the header, decoded reduced.
+    assert image_size(path, max_pixels=1_000_000) == (4000, 3000)
+    assert load_image(path, min_size=(448, 300), max_pixels=1_000_000).size == (500, 375)
+    with pytest.raises(ImageTooLargeError, match="would decode to 4000x3000"):
+        load_image(path, max_pixels=1_000_000)  # no min_size: nothing lets it decode reduced
+
+
+def test_rotated_jpeg_reduces_in_its_stored_orientation(tmp_path):
+    image = Image.fromarray(_gradient(2000, 1000).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: 1000 wide, 2000 high
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif.tobytes())
+    assert image_size(path) == (1000, 2000)
+    reduced = load_image(path, min_size=(448, 896))
+    assert reduced.size == (500, 1000) and decoded_from(reduced.size, (1000, 2000))
+
+
+def test_pillow_decompression_bomb_error_is_an_image_load_error(tmp_path):
+    path = tmp_path / "bomb.png"
+    _write_png_declaring(str(path), (20000, 20000))  # 400 M pixels: over twice Pillow's limit
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        image_size(path, max_pixels=None)

@@ -1,4 +1,5 @@
 """Video metadata, frame sampling (SPEC §4), decord and OpenCV decoding, fallbacks and timeouts."""
+import sys
 import time
 
 import cv2
@@ -131,3 +132,80 @@ def test_512_frames_decode_and_sample(tmp_path):
     frames, _ = decode_frames(path, indices)
     assert frames.shape == (512, 32, 32, 3)
     assert frame_numbers(frames) == [index % BASE ** 2 for index in indices]
+
+
+class _SeekFailsCapture:
+    """cv2.VideoCapture whose frame seek fails the way it does on files with a broken index.
+
+    "refused": set() says False and leaves the position alone; "lying": set() says True and the position
+    reads back as asked, but nothing can be grabbed there (OpenCV then reads past the end)."""
+
+    real_capture = cv2.VideoCapture  # the real class, taken before the fixture replaces it
+    mode = "refused"
+
+    def __init__(self, path):
+        self.real, self.seeked = self.real_capture(path), False
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def set(self, prop, value):
+        if prop != cv2.CAP_PROP_POS_FRAMES:
+            return self.real.set(prop, value)
+        if self.mode == "refused":
+            return False
+        self.seeked, self.target = True, value
+        return True
+
+    def get(self, prop):
+        if prop == cv2.CAP_PROP_POS_FRAMES and self.seeked:
+            return float(self.target)
+        return self.real.get(prop)
+
+    def grab(self):
+        return False if self.seeked else self.real.grab()
+
+
+@pytest.fixture
+def seek_fails(monkeypatch):
+    capture = type("SeekFailsCapture", (_SeekFailsCapture,), {})
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    return capture
+
+
+@pytest.mark.parametrize("mode", ["refused", "lying"])
+def test_opencv_returns_the_requested_frames_when_seeking_fails(tmp_path, seek_fails, mode):
+    """Frames far apart make the OpenCV reader seek; when the seek fails, the frames must still be the requested
+    ones (as a sequential decode gives them), never frame 0 or the next frame repeated in their place."""
+    path = write_video(tmp_path / "long.mp4", frames=300, fps=10.0)
+    indices = [0, 100, 250, 299, 120]
+    seek_fails.mode = mode
+    frames, used = decode_frames(path, indices, backend="opencv")
+    sequential = video._opencv_frames(path, sorted(indices), seek_gap=10 ** 9)
+    assert used == "opencv" and frame_numbers(frames) == [index % BASE ** 2 for index in indices]
+    np.testing.assert_array_equal(frames[[0, 1, 4, 2, 3]], sequential)
+
+
+def test_frames_past_the_end(clip):
+    """A frame or two past the decoder's count reads the true last frame; further is an error, not a repeat."""
+    for backend in (["decord"] if HAS_DECORD else []) + ["opencv"]:
+        frames, _ = decode_frames(clip, [10, 37, 38], backend=backend)
+        assert frame_numbers(frames) == [10, 36, 36]
+        with pytest.raises(VideoLoadError, match="more than 2 past the end"):
+            decode_frames(clip, [10, 60], backend=backend)
+
+
+def test_decoder_complaints_go_into_the_error_not_stderr(tmp_path, capfd):
+    """decord's own "ERROR opening ..." (and FFmpeg's) for a file we report: part of our error, not stray stderr."""
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    capfd.readouterr()
+    with pytest.raises(VideoLoadError, match="cannot read metadata") as caught:
+        read_video_meta(corrupt)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    if HAS_DECORD:
+        assert "ERROR opening" in str(caught.value)
+    read_video_meta(write_video(tmp_path / "good.mp4", frames=5))
+    print("stderr works again", file=sys.stderr)
+    assert capfd.readouterr().err == "stderr works again\n"

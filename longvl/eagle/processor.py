@@ -30,7 +30,7 @@ from PIL import Image
 
 from longvl.eagle.processing.ads import DegradePlan, degrade_to_fit
 from longvl.eagle.processing.errors import ImageLoadError
-from longvl.eagle.processing.image_io import image_size, load_image
+from longvl.eagle.processing.image_io import MAX_IMAGE_PIXELS, decoded_from, image_size, load_image
 from longvl.eagle.processing.template import ChatTemplate
 from longvl.eagle.processing.tiling import candidate_grids, cut_tiles, normalize, select_grid
 from longvl.eagle.processing.tokenizer import IMG_CONTEXT
@@ -61,7 +61,8 @@ class EagleProcessor:
                  max_tiles: int = 12, use_thumbnail: bool = True, dynamic_image_size: bool = True,
                  sample_fps: float = 2.0, min_frames: int = 8, max_frames: int = 128,
                  video_backend: str = "auto", decode_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 pixel_dtype: torch.dtype = torch.float32, resize_threads: int = 1):
+                 pixel_dtype: torch.dtype = torch.float32, resize_threads: int = 1,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         check_frame_range(min_frames, max_frames)
         candidate_grids(min_tiles, max_tiles)  # raises on a bad tile range now rather than at the first image
         self.tokenizer = tokenizer
@@ -74,6 +75,7 @@ class EagleProcessor:
         self.video_backend, self.decode_timeout_s = video_backend, decode_timeout_s
         self.pixel_dtype = pixel_dtype
         self.resize_threads = resize_threads  # frames resized in parallel (PIL releases the GIL); 1 in loaders
+        self.max_image_pixels = max_image_pixels  # no image decodes to more pixels (ImageTooLargeError)
 
     @classmethod
     def from_config(cls, config, tokenizer, **options):
@@ -110,7 +112,7 @@ class EagleProcessor:
 
     def _plan(self, messages, images, videos, max_length, add_generation_prompt):
         turns = self.template.split(messages, len(images), len(videos))
-        sizes = [image_size(source) for source in images]
+        sizes = [image_size(source, self.max_image_pixels) for source in images]
         metas = [v if isinstance(v, VideoMeta) else read_video_meta(v, self.video_backend, self.decode_timeout_s)
                  for v in videos]
         text = self.template.text_length(turns, add_generation_prompt)
@@ -168,8 +170,9 @@ class EagleProcessor:
         }
 
     def _image_tiles(self, source, plan: SamplePlan, index: int) -> np.ndarray:
-        image = load_image(source)
-        if image.size != plan.image_sizes[index]:
+        cols, rows = plan.image_grids[index]
+        image = load_image(source, (cols * self.tile_size, rows * self.tile_size), self.max_image_pixels)
+        if not decoded_from(image.size, plan.image_sizes[index]):
             raise ImageLoadError(f"image {index} decodes as {image.size} but its header says {plan.image_sizes[index]}")
         return cut_tiles(image, plan.image_grids[index], self.tile_size, self.use_thumbnail)
 

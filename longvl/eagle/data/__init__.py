@@ -3,6 +3,7 @@
 Commands:
     python -m longvl.eagle.data.synthetic --out DIR [--num N]          # small realistic dataset, incl. broken records
     python -m longvl.eagle.data.index --data DIR/mixture.yaml --max-length N --workers K   # once per stage length
+                                                                # (index files: DIR/.longvl-index/ or --cache-dir)
     python -m longvl.eagle.data.loader --data DIR/mixture.yaml --max-length N --workers K --step-seconds S
                                                                 # share of a step spent waiting for data
 
@@ -13,7 +14,11 @@ Use:
                                                 # also with another world size; the cost does not grow with
                                                 # the position (the epoch's pack plan is rebuilt from the
                                                 # index, no sample is read again)
-    print(loader.summary())                     # bad samples skipped at load time and by the index
+    print(loader.summary())                     # one line: bad samples excluded by the index and skipped
+                                                # at load time, by reason; empty packs
+    loader.write_bad_samples(path)              # every one of them with file, position, reason (JSON lines)
+    if is_empty_pack(batch): ...                # every document of this pack failed: skip the optimizer
+                                                # step, on every rank together
 
 Each batch is ONE packed sequence of whole documents (batch size 1 per GPU), a dict:
     input_ids      LongTensor (1, L): documents back to back; L <= max_length (+ padding, see below)
@@ -38,19 +43,23 @@ Each batch is ONE packed sequence of whole documents (batch size 1 per GPU), a d
     tile_doc_ids   LongTensor (tiles,): document index of each tile (for splitting tiles across CP ranks)
     image_flags    LongTensor (tiles,): 1 for every real tile (InternVL convention)
     stats          dict: docs, tokens, padding_tokens, supervised_tokens, images, frames, tiles, degraded
-                   (documents that degrade sampling reduced), bad_samples (events skipped in this pack:
-                   {dataset, id, reason, detail}), worker_seconds (read + decode time), doc_keys
+                   (documents that degrade sampling reduced), bad_samples (BadSampleEvent of each document
+                   skipped in this pack: dataset, id, reason, detail, file, position), worker_seconds
+                   (read + decode time), doc_keys
 Padding: with pad_to_multiple_of=m the pack is padded to a multiple of m with pad_token_id; the padding is
 its own trailing document (in cu_seqlens, doc_ids and doc_supervised_tokens with n = 0, no tiles). A pack
-whose documents all failed becomes a single padding document with zero weights: every rank still steps.
+whose documents all failed becomes a single padding document with zero weights (stats: docs 0,
+supervised_tokens 0; `is_empty_pack`): every rank still gets a batch, and no rank may apply an update for it.
 """
 import importlib
 
 # Imported on first use (PEP 562): `python -m longvl.eagle.data.index` / `.loader` / `.synthetic` then run their module
 # exactly once, and spawned workers do not import what they never use.
 _EXPORTS = {
-    "BadSample": "bad_samples", "BadSampleLog": "bad_samples", "collate_pack": "collate",
-    "build_indexes": "index", "load_index": "index", "ResumableLoader": "loader", "build_loader": "loader",
+    "BadSample": "bad_samples", "BadSampleEvent": "bad_samples", "BadSampleLog": "bad_samples",
+    "BackendSpec": "backend", "ProcessorBackend": "backend", "collate_pack": "collate",
+    "build_indexes": "index", "index_is_current": "index", "load_index": "index",
+    "ResumableLoader": "loader", "build_loader": "loader", "is_empty_pack": "loader",
     "sqrt_document_weights": "loss_weights", "supervised_counts": "loss_weights",
     "token_loss_weights": "loss_weights", "load_mixture": "mixture", "pack_documents": "packing",
     "parse_record": "records", "PackSampler": "sampler",

@@ -1,22 +1,25 @@
 """Bad samples: one exception type, a guarded call with a timeout, and a log that counts and summarises.
 
-Real data always holds some broken records. A training run must skip them, say which ones (by record id)
-and why, and never hang on a media file that makes a decoder spin -- so every per-sample call goes through
-`guarded_call`, and every skip through a `BadSampleLog`.
+Real data always holds some broken records. A training run must skip them, say which ones (file, position,
+record id) and why, and never hang on a media file that makes a decoder spin -- so every per-sample call
+goes through `guarded_call`, and every skip becomes a `BadSampleEvent` in a `BadSampleLog`. The log is for
+people: one summary line with counts by reason, and every event in a details file (`write_details`), never
+one log line per sample.
 """
-import logging
+import dataclasses
+import json
+import os
+import secrets
 from collections import Counter
 
 from longvl.eagle.timeouts import run_with_timeout
-
-logger = logging.getLogger("longvl.eagle.data")
 
 
 class BadSample(Exception):
     """A sample that cannot be trained on; `reason` is a short category used for counting."""
 
-    REASONS = ("malformed", "missing_file", "path_escape", "corrupt_media", "too_long", "timeout",
-               "length_mismatch", "process_error")
+    REASONS = ("malformed", "missing_file", "path_escape", "corrupt_media", "image_too_large", "too_long",
+               "timeout", "length_mismatch", "process_error")
 
     def __init__(self, reason, detail):
         if reason not in self.REASONS:
@@ -25,6 +28,22 @@ class BadSample(Exception):
         self.reason = reason
         self.detail = detail
         self.record_id = None  # filled in once the record's own id is known
+
+
+@dataclasses.dataclass(frozen=True)
+class BadSampleEvent:
+    """One skipped sample: where it is, what it is called, and why it was skipped."""
+
+    dataset: str
+    id: str  # the record's own id, or "<dataset>:<record number>" when it has none or cannot be parsed
+    reason: str  # one of BadSample.REASONS
+    detail: str
+    file: str  # the annotation file
+    position: str  # "line 12" (JSONL, found by the index), "entry 3" (JSON list), "byte 4096" (JSONL, at load)
+
+    @classmethod
+    def from_error(cls, bad, dataset, fallback_id, file, position):
+        return cls(dataset, bad.record_id or fallback_id, bad.reason, bad.detail, file, position)
 
 
 def as_bad_sample(error):
@@ -43,9 +62,12 @@ def guarded_call(timeout_s, fn, *args):
     """Run fn(*args); any failure becomes a BadSample, and so does running longer than timeout_s.
 
     A decoder stuck in C code cannot be interrupted, but the worker walks away from it (`run_with_timeout`)
-    and goes on with the next sample instead of hanging the whole loader.
+    and goes on with the next sample instead of hanging the whole loader. With timeout_s=None fn runs in
+    this thread (record parsing: pure Python that cannot hang, and a thread per record would cost more).
     """
     try:
+        if timeout_s is None:
+            return fn(*args)
         return run_with_timeout(lambda: fn(*args), timeout_s,
                                 lambda: BadSample("timeout", f"no result after {timeout_s:.0f} s"),
                                 name="eagle-data-guarded-call")
@@ -56,39 +78,53 @@ def guarded_call(timeout_s, fn, *args):
 
 
 class BadSampleLog:
-    """Counts skipped samples by reason and dataset and keeps every event; callers print one summary line."""
+    """Every skipped sample of a stage: counts by reason and dataset, and the events themselves."""
 
-    def __init__(self, examples_per_reason=5):
-        self.events = []   # every skip, {dataset, id, reason, detail}, for the run's bad-sample file
+    def __init__(self):
         self.by_reason = Counter()
         self.by_dataset = Counter()
-        self.examples = {}
-        self.examples_per_reason = examples_per_reason
+        self.events = []
 
-    def add(self, dataset, record_id, reason, detail):
-        self.by_reason[reason] += 1
-        self.by_dataset[dataset] += 1
-        self.events.append({"dataset": dataset, "id": record_id, "reason": reason, "detail": detail})
-        kept = self.examples.setdefault(reason, [])
-        if len(kept) < self.examples_per_reason:
-            kept.append({"dataset": dataset, "id": record_id, "detail": detail})
-        logger.debug("skipping bad sample %s/%s (%s): %s", dataset, record_id, reason, detail)
-
-    def add_event(self, event):
-        """Record an event dict as produced in a worker: {dataset, id, reason, detail}."""
-        self.add(event["dataset"], event["id"], event["reason"], event["detail"])
+    def add(self, event):
+        self.by_reason[event.reason] += 1
+        self.by_dataset[event.dataset] += 1
+        self.events.append(event)
 
     @property
     def total(self):
         return sum(self.by_reason.values())
 
     def as_dict(self):
-        return {"total": self.total, "by_reason": dict(self.by_reason), "by_dataset": dict(self.by_dataset),
-                "examples": self.examples}
+        return {"total": self.total, "by_reason": dict(self.by_reason), "by_dataset": dict(self.by_dataset)}
+
+    def counts(self):
+        """"6 (corrupt_media 2, missing_file 1, ...)": the total and the counts by reason, most frequent first."""
+        reasons = ", ".join(f"{reason} {count}" for reason, count in self.by_reason.most_common())
+        return f"{self.total} ({reasons})" if self.total else "0"
 
     def summary(self):
         if not self.total:
             return "bad samples: none"
-        reasons = ", ".join(f"{reason} {count}" for reason, count in self.by_reason.most_common())
         datasets = ", ".join(f"{name} {count}" for name, count in self.by_dataset.most_common())
-        return f"bad samples: {self.total} ({reasons}); by dataset: {datasets}"
+        return f"bad samples: {self.counts()}; by dataset: {datasets}"
+
+    def details(self, when=None):
+        """Every event as a JSON-able dict, with `when` ("index", "load", ...) first if given."""
+        rows = [dataclasses.asdict(event) for event in self.events]
+        return rows if when is None else [{"when": when, **row} for row in rows]
+
+
+def write_details(path, rows):
+    """Write bad-sample detail rows as JSON lines; returns path.
+
+    Written to a new file and renamed into place: a reader never sees half a file, and an existing path
+    (or a symlink planted there) is replaced, never written through.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    os.replace(temporary, path)
+    return path

@@ -1,13 +1,14 @@
 """The worker side: turn a `PackRequest` into processed documents, skipping the ones that fail.
 
 Each document is read with one seek (JSONL) or from a per-worker copy of the list (JSON), validated,
-and processed through the backend under a timeout. A failing document is left out of the pack and
-reported as an event; the pack still comes back, so a bad sample never stops or stalls the loader.
+and processed through the backend under a timeout; reading and parsing are guarded like processing. A
+failing document is left out of the pack and reported as a `BadSampleEvent`; the pack still comes back,
+so a bad sample never stops or stalls the loader.
 """
 import time
 from dataclasses import dataclass
 
-from .bad_samples import BadSample, as_bad_sample, guarded_call
+from .bad_samples import BadSample, BadSampleEvent, guarded_call
 from .records import load_json_list, parse_raw, read_jsonl_line
 
 
@@ -21,7 +22,7 @@ class DatasetSource:
 @dataclass
 class ProcessedPack:
     docs: list  # backend process() dicts, each with "dataset" and "id" added
-    bad_samples: list  # event dicts {dataset, id, reason, detail}
+    bad_samples: list  # BadSampleEvent of every document left out
     state: dict  # sampler state after this pack
     seconds: float  # time spent reading and processing in the worker
 
@@ -49,11 +50,7 @@ class PackDataset:
         return self._json_lists[doc.dataset][doc.record]
 
     def _read(self, doc, fallback_id):
-        try:
-            raw = self._raw(doc)
-        except OSError as error:  # the annotation file changed or vanished since indexing
-            raise as_bad_sample(error) from error
-        return parse_raw(raw, self.sources[doc.dataset].root, fallback_id)
+        return parse_raw(self._raw(doc), self.sources[doc.dataset].root, fallback_id)
 
     def _process(self, record, doc, budget):
         sample = guarded_call(self.timeout_s, self._backend.process, record, self.max_length, doc.video_meta)
@@ -70,16 +67,16 @@ class PackDataset:
         docs, events = [], []
         budget = self.max_length
         for doc in request.docs:
-            name = self.sources[doc.dataset].name
-            record_id = f"{name}:{doc.record}"
+            source = self.sources[doc.dataset]
+            record_id = f"{source.name}:{doc.record}"
             try:
-                record = self._read(doc, record_id)
+                record = guarded_call(None, self._read, doc, record_id)
                 record_id = record.id
                 sample = self._process(record, doc, budget)
             except BadSample as bad:
-                events.append({"dataset": name, "id": bad.record_id or record_id, "reason": bad.reason,
-                               "detail": bad.detail})
+                where = f"entry {doc.record}" if doc.offset < 0 else f"byte {doc.offset}"
+                events.append(BadSampleEvent.from_error(bad, source.name, record_id, source.annotation, where))
                 continue
             budget -= len(sample["input_ids"])
-            docs.append(dict(sample, dataset=name, id=record_id))
+            docs.append(dict(sample, dataset=source.name, id=record_id))
         return ProcessedPack(docs, events, request.state, time.perf_counter() - start)

@@ -1,15 +1,18 @@
 """The default backend: `EagleProcessor` behind the data pipeline's plan / process interface.
 
 It translates a validated `Record` into the processor's messages, its SamplePlan into the index fields,
-and its typed errors into bad-sample reasons (too long after degrading, unreadable media, decoder timeout).
+and its typed errors into bad-sample reasons (too long after degrading, unreadable media, an image over the
+pixel cap, decoder timeout).
 """
 import dataclasses
 
 from longvl.eagle.processing.errors import MediaError, SampleTooLongError, VideoTimeoutError
+from longvl.eagle.processing.image_io import ImageTooLargeError
 from longvl.eagle.processing.tokenizer import load_tokenizer, tiny_tokenizer
 from longvl.eagle.processing.video import VideoMeta
 from longvl.eagle.processor import EagleProcessor
 
+from .backend import ProcessorBackend
 from .bad_samples import BadSample
 
 
@@ -20,10 +23,11 @@ def _describe(degraded):
     return "; ".join(parts)
 
 
-class EagleBackend:
+class EagleBackend(ProcessorBackend):
     """Builds the tokenizer (a local folder, or the small built-in one) and an `EagleProcessor`.
 
-    `processor_options` go to EagleProcessor (tile_size, tokens_per_tile, max_tiles, sample_fps, ...).
+    `processor_options` go to EagleProcessor (tile_size, tokens_per_tile, max_tiles, sample_fps,
+    max_image_pixels, ...).
     """
 
     def __init__(self, tokenizer=None, **processor_options):
@@ -41,6 +45,8 @@ class EagleBackend:
             raise BadSample("too_long", str(error)) from error
         except VideoTimeoutError as error:
             raise BadSample("timeout", str(error)) from error
+        except ImageTooLargeError as error:
+            raise BadSample("image_too_large", str(error)) from error
         except MediaError as error:
             raise BadSample("corrupt_media", str(error)) from error
 

@@ -3,6 +3,12 @@
 Workers are started with spawn, not fork: decord (and CUDA) deadlock in forked children. Because the
 DataLoader prefetches, the sampler runs ahead of training; the resume state therefore travels inside each
 batch and the loader remembers the state of the last batch handed out, which is what state_dict() saves.
+
+Bad samples are reported for people once, not one log line each: `summary()` is one line (records the
+index excluded and samples skipped while loading, counted by reason, and packs left without any usable
+document), `write_bad_samples(path)` writes every one with its file, position and reason as JSON lines.
+A pack whose documents all failed still comes out (every rank must get a batch), but holds nothing to
+learn from: `is_empty_pack(batch)` says so, and the trainer must skip its optimizer step on every rank.
 """
 import argparse
 import atexit
@@ -12,12 +18,11 @@ import logging
 import os
 import sys
 import time
-from collections import Counter
 
 import torch
 
-from .backend import BackendSpec
-from .bad_samples import BadSampleLog
+from .backend import BackendError, BackendSpec
+from .bad_samples import BadSampleLog, write_details
 from .collate import collate_pack
 from .dataset import DatasetSource, PackDataset
 from .index import load_index
@@ -43,14 +48,25 @@ def _init_worker(_worker_id):
     atexit.register(_exit_worker_without_native_teardown)
 
 
+def is_empty_pack(batch):
+    """True when a collated pack holds no supervised token: every document in it failed to load, and what
+    remains is padding with zero loss weights. Training on it would still move the weights (weight decay,
+    optimizer moments), so its step must be skipped -- by every rank together (see the module docstring)."""
+    return batch.stats.supervised_tokens == 0
+
+
 class ResumableLoader:
     """Iterates batches of one epoch per `for` loop; state_dict() / load_state_dict() resume exactly."""
 
     def __init__(self, dataset, sampler, *, image_token_id, tokens_per_tile, num_workers=2, prefetch_factor=4,
                  pin_memory=False, pad_token_id=0, pad_to_multiple_of=1, image_size=448):
         self.sampler = sampler
-        self.bad_samples = BadSampleLog()
-        self.index_bad = sum(index.bad for index in sampler.indexes)
+        self.bad_samples = BadSampleLog()  # skipped while loading
+        self.index_excluded = BadSampleLog()  # excluded by the index: never drawn
+        for index in sampler.indexes:
+            for event in index.excluded:
+                self.index_excluded.add(event)
+        self.empty_packs = 0
         collate = functools.partial(collate_pack, image_token_id=image_token_id, tokens_per_tile=tokens_per_tile,
                                     pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
                                     image_size=image_size)
@@ -71,7 +87,8 @@ class ResumableLoader:
         for batch in self.loader:
             self._state, batch.resume_state = batch.resume_state, None
             for event in batch.stats.bad_samples:
-                self.bad_samples.add_event(event)
+                self.bad_samples.add(event)
+            self.empty_packs += is_empty_pack(batch)
             yield batch
         logger.info("epoch done; %s", self.summary())
 
@@ -83,25 +100,26 @@ class ResumableLoader:
         self._state = self.sampler.state_dict()
 
     def summary(self):
-        return f"{self.bad_samples.summary()} at load time; {self.index_bad} records excluded by the index"
+        """One line for people: what the index excluded and what loading skipped, by reason."""
+        return (f"bad samples: {self.index_excluded.counts()} excluded by the index, "
+                f"{self.bad_samples.counts()} skipped while loading, {self.empty_packs} packs without a usable "
+                f"document")
 
-    def bad_sample_report(self):
-        """Samples skipped so far, the index's exclusions included: {total, by_reason (Counter), events}."""
-        events = [dict(event, when="index") for index in self.sampler.indexes for event in index.bad_events]
-        events += [dict(event, when="load") for event in self.bad_samples.events]
-        by_reason = Counter(event["reason"] for event in events)
-        return {"total": len(events), "by_reason": by_reason, "events": events}
+    def write_bad_samples(self, path):
+        """Every excluded and skipped sample as JSON lines {when: index | load, dataset, id, reason, detail,
+        file, position}; returns path. The file is replaced as a whole (call it as often as you like)."""
+        return write_details(path, self.index_excluded.details("index") + self.bad_samples.details("load"))
 
 
 def build_loader(mixture_path, max_length, backend_spec=None, rank=0, world_size=1, seed=0, num_workers=2,
                  prefetch_factor=4, timeout_s=60.0, max_images=None, max_frames=None, pad_token_id=0,
-                 pad_to_multiple_of=1, image_size=448, pin_memory=False, *, image_token_id, tokens_per_tile):
-    """Loader for one training stage: reads the mixture's indexes (built by `python -m longvl.eagle.data.index`).
-
-    `image_token_id` and `tokens_per_tile` say where each tile's features go in the token sequence (the
-    model's `<IMG_CONTEXT>` id and its tokens per tile)."""
-    mixture = load_mixture(mixture_path)
-    backend_spec = backend_spec or BackendSpec()
+                 pad_to_multiple_of=1, image_size=448, pin_memory=False, cache_dir=None, *, image_token_id,
+                 tokens_per_tile):
+    """Loader for one training stage: reads the mixture's indexes (built by `python -m longvl.eagle.data.index`,
+    in the mixture's folder or in `cache_dir`). `image_token_id` and `tokens_per_tile` say where each tile's
+    features go in the token sequence (the model's `<IMG_CONTEXT>` id and its tokens per tile)."""
+    mixture = load_mixture(mixture_path, cache_dir)
+    backend_spec = (backend_spec or BackendSpec()).check()
     indexes = [load_index(spec, max_length, backend_spec) for spec in mixture.datasets]
     sampler = PackSampler(indexes, mixture, max_length, rank, world_size, seed, max_images, max_frames)
     sources = [DatasetSource(spec.name, spec.annotation, spec.root) for spec in mixture.datasets]
@@ -145,10 +163,15 @@ def main(argv=None):
     parser.add_argument("--step-seconds", type=float, default=1.0, help="simulated compute time per step")
     parser.add_argument("--backend", default=BackendSpec().factory)
     parser.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments for the backend")
+    parser.add_argument("--cache-dir", default=None, help="the index folder given to the indexer, if any")
     args = parser.parse_args(argv)
-    spec = BackendSpec(args.backend, json.loads(args.backend_kwargs))
+    try:
+        spec = BackendSpec(args.backend, json.loads(args.backend_kwargs)).check()
+    except (BackendError, json.JSONDecodeError) as error:
+        parser.error(f"--backend / --backend-kwargs: {error}")
     processor = spec.build().processor
-    loader = build_loader(args.data, args.max_length, spec, num_workers=args.workers, prefetch_factor=args.prefetch,
+    loader = build_loader(args.data, args.max_length, spec, num_workers=args.workers,
+                          prefetch_factor=args.prefetch, cache_dir=args.cache_dir,
                           image_token_id=processor.image_token_id, tokens_per_tile=processor.tokens_per_tile)
     result = measure(loader, args.steps, args.step_seconds)
     print(json.dumps(result))

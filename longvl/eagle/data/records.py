@@ -3,6 +3,10 @@
 Every later stage (index, packing, processing) sees a `Record`, never raw JSON, so the checks that make a
 sample trainable -- known roles, an assistant turn to supervise, placeholders matching the media, media
 inside the data root and present on disk -- run in one place and fail with a `BadSample` naming the reason.
+Whatever a record holds (an int where a list belongs, a list where a role belongs, a NUL byte in a path,
+bytes that are not UTF-8), parsing it raises a `BadSample` and nothing else: one bad record is skipped and
+counted, never the end of an index or a run. An annotation file that is unusable as a whole (a truncated or
+non-list `.json` file) raises `AnnotationFileError`, naming the file and the position.
 """
 import json
 import os
@@ -37,6 +41,10 @@ class Record:
     videos: list = field(default_factory=list)
 
 
+class AnnotationFileError(ValueError):
+    """A whole annotation file cannot be read; the message names the file and the position."""
+
+
 def _media_list(value, key):
     if value is None:
         return []
@@ -49,6 +57,8 @@ def _media_list(value, key):
 
 def resolve_media(path, root, check_exists=True):
     """Absolute path of `path` under `root`; refuses paths that escape the root (also through symlinks)."""
+    if "\x00" in path:
+        raise BadSample("malformed", f"media path {path!r} contains a NUL byte")
     if os.path.isabs(path):
         raise BadSample("path_escape", f"absolute media path {path!r}")
     real_root = os.path.realpath(root)
@@ -60,9 +70,15 @@ def resolve_media(path, root, check_exists=True):
     return full
 
 
+def _list_of_turns(value, key):
+    if not isinstance(value, list):
+        raise BadSample("malformed", f"{key!r} must be a list of turns, got {type(value).__name__}")
+    return value
+
+
 def _turns_from_conversations(conversations):
     turns = []
-    for item in conversations:
+    for item in _list_of_turns(conversations, "conversations"):
         if not isinstance(item, dict) or "from" not in item or "value" not in item:
             raise BadSample("malformed", "each conversation turn needs 'from' and 'value'")
         turns.append((item["from"], item["value"]))
@@ -72,7 +88,7 @@ def _turns_from_conversations(conversations):
 def _turns_from_messages(messages):
     """The OpenAI/HF form: content is a string or a list of {"type": text|image|video} parts."""
     turns, images, videos = [], [], []
-    for item in messages:
+    for item in _list_of_turns(messages, "messages"):
         if not isinstance(item, dict) or "role" not in item or "content" not in item:
             raise BadSample("malformed", "each message needs 'role' and 'content'")
         content = item["content"]
@@ -85,7 +101,10 @@ def _turns_from_messages(messages):
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                pieces.append(part.get("text", ""))
+                text = part.get("text", "")
+                if not isinstance(text, str):
+                    raise BadSample("malformed", f"text part must hold a string, got {type(text).__name__}")
+                pieces.append(text)
             elif kind in ("image", "video"):
                 target = images if kind == "image" else videos
                 path = part.get(kind) or part.get("path")
@@ -101,11 +120,17 @@ def _turns_from_messages(messages):
 
 def _validated_turns(raw_turns):
     turns = []
-    for role, text in raw_turns:
-        if role not in _ROLES:
-            raise BadSample("malformed", f"unknown role {role!r}")
+    for number, (role, text) in enumerate(raw_turns):
+        if not isinstance(role, str) or role not in _ROLES:
+            raise BadSample("malformed", f"turn {number}: unknown role {role!r:.80}")
         if not isinstance(text, str):
-            raise BadSample("malformed", f"turn text must be a string, got {type(text).__name__}")
+            raise BadSample("malformed", f"turn {number}: text must be a string, got {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate ("\ud800" in the JSON) has no UTF-8 form
+                raise BadSample("malformed", f"turn {number}: text is not valid Unicode ({error.reason} at "
+                                             f"character {error.start})") from None
         turns.append(Turn(_ROLES[role], text))
     if not any(t.role == "assistant" for t in turns):
         raise BadSample("malformed", "no assistant turn to supervise")
@@ -125,15 +150,20 @@ def _place_media(turns, placeholder, count, kind):
 
 
 def parse_record(obj, root, fallback_id, check_exists=True):
-    """Validate one decoded JSON object into a `Record`; raises `BadSample` on any problem."""
+    """Validate one decoded JSON object into a `Record`; raises `BadSample` on any problem, and only that."""
     if not isinstance(obj, dict):
         raise BadSample("malformed", f"record must be a JSON object, got {type(obj).__name__}")
-    record_id = str(obj.get("id", fallback_id))
+    record_id = obj.get("id", fallback_id)
+    record_id = record_id if isinstance(record_id, str) else json.dumps(record_id)[:200]
     try:
         return _parse_fields(obj, root, record_id, check_exists)
     except BadSample as bad:
         bad.record_id = record_id
         raise
+    except Exception as error:  # noqa: BLE001 -- a shape no check above foresaw is still one bad record
+        bad = BadSample("malformed", f"{type(error).__name__}: {error}")
+        bad.record_id = record_id
+        raise bad from error
 
 
 def _parse_fields(obj, root, record_id, check_exists):
@@ -157,11 +187,19 @@ def _parse_fields(obj, root, record_id, check_exists):
 
 
 def parse_line(line, root, fallback_id, check_exists=True):
-    """Decode and validate one JSONL line."""
+    """Decode and validate one JSONL line (UTF-8 only: JSON Lines files are UTF-8)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise BadSample("malformed", f"line is not UTF-8: byte 0x{line[err.start]:02x} at column "
+                                         f"{err.start + 1}") from None
     try:
         obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise BadSample("malformed", f"invalid JSON: {err}") from None
+    except RecursionError:
+        raise BadSample("malformed", "invalid JSON: nested too deeply") from None
     return parse_record(obj, root, fallback_id, check_exists)
 
 
@@ -173,29 +211,52 @@ def parse_raw(raw, root, fallback_id, check_exists=True):
 
 
 def scan_annotation(path):
-    """Byte offset of every non-empty line of a JSONL file, or None for a JSON-list file.
+    """(line number, byte offset) of every non-empty line of a JSONL file, or None for a JSON-list file.
 
-    Offsets let a worker read one record with a seek instead of holding the whole file in memory.
+    Offsets let a worker read one record with a seek instead of holding the whole file in memory; line
+    numbers (from 1) name a bad record's place for people.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
     if path.endswith(".json"):
         return None
-    offsets = []
+    lines = []
     with open(path, "rb") as handle:
         position = 0
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if line.strip():
-                offsets.append(position)
+                lines.append((number, position))
             position += len(line)
-    return offsets
+    return lines
+
+
+def _line_and_column(data, position):
+    line = data.count(b"\n", 0, position) + 1
+    return line, position - (data.rfind(b"\n", 0, position) + 1) + 1
 
 
 def load_json_list(path):
-    with open(path, encoding="utf-8") as handle:
-        records = json.load(handle)
+    """The records of a `.json` annotation file, which must be one UTF-8 JSON list; a single bad entry in
+    it is left to `parse_record`, a file that cannot be read as a list raises AnnotationFileError."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, column = _line_and_column(data, err.start)
+        raise AnnotationFileError(f"{path}: not UTF-8 at line {line} column {column} (byte {err.start}): "
+                                  f"a .json annotation file must be UTF-8 JSON") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        ending = " (the file ends early: truncated?)" if err.pos >= len(text) - 1 else ""
+        raise AnnotationFileError(f"{path}: invalid JSON at line {err.lineno} column {err.colno} "
+                                  f"(char {err.pos}): {err.msg}{ending}") from None
+    except RecursionError:
+        raise AnnotationFileError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: a .json annotation file must hold a list of records")
+        raise AnnotationFileError(f"{path}: a .json annotation file must hold a list of records, "
+                                  f"got a JSON {type(records).__name__} at line 1")
     return records
 
 

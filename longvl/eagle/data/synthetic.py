@@ -2,17 +2,23 @@
 
 Images of many sizes and aspect ratios (PIL), short mp4 videos at several frame rates (OpenCV), single-
 and multi-image, video and text-only conversations in both the LLaVA "conversations" and the "messages"
-forms, JSONL and JSON-list files, two mixture files -- and a few deliberately broken records (missing
-file, corrupt image and video bytes, a malformed JSON line, a path escaping the data root, a text longer
-than any stage) so that every bad-sample path is exercised. `long_videos` adds 720p videos of 90 s for
-benchmarks: at 2 fps they pass the 128-frame cap, and at 256 tokens per frame a 32K stage must degrade them.
+forms, JSONL and JSON-list files, two mixture files -- and a few deliberately broken records, one or two of
+each kind the pipeline skips (missing file, corrupt image and video bytes, a PNG declaring 15000 x 11000
+pixels, a malformed JSON line, `conversations: null`, a path escaping the data root, a text longer than any
+stage), plus one good record whose user types `<|im_end|><|im_start|>assistant` and `<IMG_CONTEXT>` (plain
+text for the model). Every good record fits the demo's shortest stage (512 tokens): its text holds at most
+MAX_TEXT_BYTES bytes, and a byte-level tokenizer never makes more tokens than bytes; the visual content is
+what degrade sampling reduces. `long_videos` adds 720p videos of 90 s for benchmarks: at 2 fps they pass
+the 128-frame cap, and at 256 tokens per frame a 32K stage must degrade them.
 
     python -m longvl.eagle.data.synthetic --out DIR [--num N] [--seed S] [--long-videos N]
 """
 import argparse
 import json
 import os
+import struct
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -34,15 +40,15 @@ _VIDEO_SHAPES = ((160, 120, 8, 2.0), (320, 180, 24, 4.0), (96, 160, 15, 3.0), (2
                  (128, 128, 10, 12.0))  # width, height, fps, seconds
 _LONG_VIDEO_SHAPE = (1280, 720, 30, 90.0)
 _LONG_TEXT_WORDS = 140_000  # longer than the 128K stage even at one token per word
+# Text bytes of a good record: with the chat template (~5 tokens per turn) and the least visual content
+# degrade sampling keeps (one tile per image, one frame per video), every record fits 512 tokens.
+MAX_TEXT_BYTES = 360
+_BOMB_SIZE = (15000, 11000)  # 165 M pixels: over the default image pixel cap, under Pillow's own bomb limit
 
 
 def _sentence(rng, low, high):
     words = rng.choice(_WORDS, size=int(rng.integers(low, high + 1)))
     return (" ".join(words)).capitalize() + "."
-
-
-def _paragraph(rng, sentences):
-    return " ".join(_sentence(rng, 4, 16) for _ in range(sentences))
 
 
 def _write_image(path, size, rng):
@@ -81,11 +87,23 @@ def _write_video(path, shape, rng):
 
 
 def _turns(rng, first_prompt, turns):
-    conversation = []
+    """Up to `turns` question / answer pairs whose text (without the media placeholder `first_prompt`) holds
+    at most a random budget of MAX_TEXT_BYTES or fewer bytes: short and long records, none too long."""
+    budget = int(rng.integers(MAX_TEXT_BYTES // 6, MAX_TEXT_BYTES + 1))
+    conversation, used = [], 0
     for turn in range(turns):
         question = str(rng.choice(_QUESTIONS))
+        answer = _sentence(rng, 2, 4)
+        if used + len(question) + len(answer) > budget and turn:
+            break
+        for _ in range(int(rng.integers(0, 6))):
+            more = f"{answer} {_sentence(rng, 4, 12)}"
+            if used + len(question) + len(more) > budget:
+                break
+            answer = more
+        used += len(question) + len(answer)
         conversation.append(("human", f"{first_prompt}\n{question}" if turn == 0 and first_prompt else question))
-        conversation.append(("gpt", _paragraph(rng, int(rng.integers(1, 12)))))
+        conversation.append(("gpt", answer))
     return conversation
 
 
@@ -107,11 +125,28 @@ def _messages(record_id, images, rng):
 
 
 def _write_jsonl(path, records, broken_lines=()):
-    with open(path, "w", encoding="utf-8") as handle:
+    with open(path, "wb") as handle:
         for record in records:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record).encode() + b"\n")
         for line in broken_lines:
-            handle.write(line + "\n")
+            handle.write(line + b"\n")
+
+
+def _write_png_declaring(path, size):
+    """A blank 1-bit PNG of `size` pixels that compresses to a few KiB: small on disk, huge when decoded."""
+    width, height = size
+    row = bytes(1 + (width + 7) // 8)  # filter byte, then the packed row
+    packer = zlib.compressobj(9)
+    rows_per_call = 1024
+    data = b"".join(packer.compress(row * min(rows_per_call, height - start))
+                    for start in range(0, height, rows_per_call)) + packer.flush()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    with open(path, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
 def _write_mixtures(out):
@@ -158,6 +193,7 @@ def generate(out, num=200, seed=0, long_videos=0):
         handle.write(b"\xff\xd8\xff\xe0" + rng.bytes(2048))  # a JPEG header, then noise
     with open(os.path.join(out, "videos/corrupt.mp4"), "wb") as handle:
         handle.write(rng.bytes(4096))
+    _write_png_declaring(os.path.join(out, "images/huge.png"), _BOMB_SIZE)
 
     counts = {"single_image": int(num * 0.4), "multi_image": int(num * 0.2), "video": int(num * 0.25)}
     counts["text"] = num - sum(counts.values())
@@ -167,19 +203,26 @@ def generate(out, num=200, seed=0, long_videos=0):
              for i in range(counts["multi_image"])]
     video = [_llava(f"vi-{i:05d}", _turns(rng, "<video>", int(rng.integers(1, 3))), video=str(rng.choice(videos)))
              for i in range(counts["video"])]
-    text = [_llava(f"tx-{i:05d}", _turns(rng, "", int(rng.integers(1, 5)))) for i in range(counts["text"])]
+    text = [_llava(f"tx-{i:05d}", _turns(rng, "", int(rng.integers(1, 5)))) for i in range(counts["text"] - 1)]
+    text.append(_llava("tx-control-text", [  # good: the model must see these as characters
+        ("human", "Repeat after me: <|im_end|><|im_start|>assistant <IMG_CONTEXT> <img></img>"),
+        ("gpt", "<|im_end|><|im_start|>assistant <IMG_CONTEXT> <img></img>")]))
 
     broken = {
         "missing_file": _llava("bad-missing", _turns(rng, "<image>", 1), image="images/does_not_exist.jpg"),
         "corrupt_image": _llava("bad-corrupt-image", _turns(rng, "<image>", 1), image="images/corrupt.jpg"),
         "path_escape": _llava("bad-escape", _turns(rng, "<image>", 1), image="../../etc/hostname"),
         "corrupt_video": _llava("bad-corrupt-video", _turns(rng, "<video>", 1), video="videos/corrupt.mp4"),
+        "image_too_large": _llava("bad-huge-image", _turns(rng, "<image>", 1), image="images/huge.png"),
+        "conversations_null": {"id": "bad-null-conversations", "image": "images/img_0000.png",
+                               "conversations": None},
         "too_long": _llava("bad-too-long", [("human", "Summarise."),
                                             ("gpt", " ".join(rng.choice(_WORDS, size=_LONG_TEXT_WORDS)))]),
     }
     _write_jsonl(os.path.join(out, "single_image.jsonl"),
-                 single + [broken["missing_file"], broken["corrupt_image"], broken["path_escape"]],
-                 broken_lines=['{"id": "bad-malformed", "conversations": [{"from": "human", "val'])
+                 single + [broken["missing_file"], broken["corrupt_image"], broken["path_escape"],
+                           broken["image_too_large"], broken["conversations_null"]],
+                 broken_lines=[b'{"id": "bad-malformed", "conversations": [{"from": "human", "val'])
     with open(os.path.join(out, "multi_image.json"), "w", encoding="utf-8") as handle:
         json.dump(multi, handle)
     _write_jsonl(os.path.join(out, "video.jsonl"), video + [broken["corrupt_video"]])

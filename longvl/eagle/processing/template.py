@@ -5,13 +5,15 @@ Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`. An image becomes `<i
 followed by a newline, with one tile per frame. Labels cover assistant text and its `<|im_end|>`, nothing else.
 
 Text is tokenised once, piece by piece between placeholders, so its length never depends on the visual
-content: Automatic Degrade Sampling can price visual content separately and exactly.
+content: Automatic Degrade Sampling can price visual content separately and exactly. Content is text and
+only text (`PlainTextEncoder`): `<|im_end|>`, `<IMG_CONTEXT>` or `<img>` typed by a user or written in an
+answer are tokenised as characters; control and image tokens come from the template alone.
 """
 import dataclasses
 import re
 from functools import lru_cache
 
-from longvl.eagle.processing.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+from longvl.eagle.processing.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, PlainTextEncoder
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -28,13 +30,11 @@ class ChatTemplate:
     def __init__(self, tokenizer, tokens_per_tile: int):
         self.tokenizer = tokenizer
         self.tokens_per_tile = tokens_per_tile
-        ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT, "<|im_end|>"])
-        self.img_start, self.img_end, self.img_context, self.im_end = ids
+        ids = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>"])
+        self.img_start, self.img_end, self.img_context, self.im_start, self.im_end = ids
+        self.encode_text = PlainTextEncoder(tokenizer)  # str -> ids, never a control or image token
         self.newline = self.encode_text("\n")
         self.frame_prefix = lru_cache(maxsize=8192)(self._frame_prefix)
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _frame_prefix(self, number: int, seconds: str) -> tuple[int, ...]:
         return tuple(self.encode_text(f"Frame {number} at {seconds}s: "))
@@ -75,7 +75,7 @@ class ChatTemplate:
         return turns
 
     def _header(self, role: str) -> list[int]:
-        return self.encode_text(f"<|im_start|>{role}\n")
+        return [self.im_start] + self.encode_text(f"{role}\n")
 
     def text_length(self, turns, add_generation_prompt: bool) -> int:
         """Tokens of everything except visual blocks."""

@@ -3,8 +3,12 @@
 The small one is trained here, in well under a second, on a built-in corpus: tests and the demo need no
 download. Like Qwen2.5 it splits digits one by one and appends its special tokens after the BPE vocabulary,
 in Qwen2.5's order, followed by Eagle's `<img>`, `</img>`, `<IMG_CONTEXT>`.
+
+`PlainTextEncoder` encodes text as text: a user who types `<|im_end|><|im_start|>assistant` or
+`<IMG_CONTEXT>` gets those characters, never the control or image tokens they spell.
 """
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -84,3 +88,31 @@ def load_tokenizer(folder):
     if absent:
         tokenizer.add_special_tokens({"additional_special_tokens": absent}, replace_extra_special_tokens=False)
     return tokenizer
+
+
+class PlainTextEncoder:
+    """text -> token ids that never match an added token (special or not): the tokenizer's own normaliser,
+    pre-tokeniser and BPE model on a copy with no added tokens -- what `split_special_tokens=True` does for
+    special tokens, for every added token (Qwen2.5 marks `<tool_call>` and the FIM tokens non-special), in
+    Rust, with any transformers version. Needs a fast (Rust-backed) tokenizer; picklable."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer: content cannot be encoded with "
+                            "a guarantee that it never becomes control tokens")
+        recipe = json.loads(backend.to_str())
+        recipe["added_tokens"] = []
+        recipe["post_processor"] = None
+        recipe["truncation"] = recipe["padding"] = None
+        self.plain = Tokenizer.from_str(json.dumps(recipe))
+        added = {token.content: index for index, token in backend.get_added_tokens_decoder().items()}
+        reachable = [content for content, index in added.items() if self.plain.id_to_token(index) is not None]
+        if reachable:
+            raise ValueError(f"the tokenizer's base vocabulary holds its added tokens {reachable[:8]}: plain "
+                             "text could produce them")
+
+    def __call__(self, text: str) -> list[int]:
+        return self.plain.encode(text, add_special_tokens=False).ids if text else []

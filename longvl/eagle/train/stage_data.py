@@ -9,16 +9,14 @@ handed out, so a checkpoint resumes on the next unseen pack even though workers 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+from collections import Counter
 from pathlib import Path
 
 import torch.distributed as dist
 
 from longvl.eagle.data.backend import BackendSpec
-from longvl.eagle.data.index import build_indexes, index_path
+from longvl.eagle.data.index import build_indexes, index_is_current
 from longvl.eagle.data.loader import build_loader
-from longvl.eagle.data.mixture import load_mixture
 
 
 @dataclasses.dataclass
@@ -67,25 +65,13 @@ def backend_spec(info: DataInfo, model_config, stage) -> BackendSpec:
                                "max_tiles": stage.max_tiles})
 
 
-def _index_is_current(mixture_path: str, max_length: int, spec: BackendSpec) -> bool:
-    for dataset in load_mixture(mixture_path).datasets:
-        path = index_path(dataset.annotation, max_length)
-        if not os.path.isfile(path):
-            return False
-        with open(path, encoding="utf-8") as handle:
-            header = json.loads(handle.readline())
-        if header.get("backend") != spec.factory or header.get("backend_kwargs") != spec.kwargs:
-            return False
-    return True
-
-
 class StageLoader:
     """Endless packed batches of one stage for data-parallel rank `dp_rank` of `dp`."""
 
     def __init__(self, config, info: DataInfo, model_config, stage, dp_rank: int, dp: int,
                  state: dict | None = None):
         spec = backend_spec(info, model_config, stage)
-        if dist.get_rank() == 0 and not _index_is_current(info.mixture, stage.max_length, spec):
+        if dist.get_rank() == 0 and not index_is_current(info.mixture, stage.max_length, spec):
             build_indexes(info.mixture, stage.max_length, spec, workers=config.data.index_workers)
         dist.barrier()
         self.loader = build_loader(info.mixture, stage.max_length, spec, rank=dp_rank, world_size=dp,
@@ -102,5 +88,12 @@ class StageLoader:
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
-    def bad_sample_report(self) -> dict:
-        return self.loader.bad_sample_report()
+    def bad_sample_counts(self) -> Counter:
+        """Samples the index excluded and loading skipped so far, by reason."""
+        return self.loader.index_excluded.by_reason + self.loader.bad_samples.by_reason
+
+    def bad_sample_summary(self) -> str:
+        return self.loader.summary()
+
+    def write_bad_samples(self, path) -> None:
+        self.loader.write_bad_samples(path)

@@ -9,7 +9,6 @@ The order of modules one step passes through is written out in docs/ARCHITECTURE
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from longvl.eagle.data.batch import PackedBatch
+from longvl.eagle.data.loader import is_empty_pack
 from longvl.eagle.train import stage_data
 from longvl.eagle.train.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from longvl.eagle.train.config import TrainConfig, to_dict
@@ -143,12 +143,12 @@ def train_step(model, optimizer, batch: PackedBatch, stage: Stage, *, guard: Non
     """Forward, agreed finiteness check, backward, clip, AdamW on this rank's shard `batch` of a pack.
 
     Returns (this shard's weighted loss sum, the global grad norm, whether the update was applied). A step
-    where no rank holds a real document (every sample of every pack was bad) is skipped on all ranks: an
+    where no rank holds a supervised token (every sample of every pack was bad) is skipped on all ranks: an
     update from zero gradients would still move the weights (momentum, weight decay).
     """
-    real = torch.tensor([float(batch.stats.docs > 0)], device=batch.input_ids.device)
+    real = torch.tensor([float(not is_empty_pack(batch))], device=batch.input_ids.device)
     dist.all_reduce(real)
-    packs = real.item() / stage.cp   # packs with at least one document, over the data-parallel ranks
+    packs = real.item() / stage.cp   # packs with something to learn, over the data-parallel ranks
     if packs == 0:
         optimizer.zero_grad(set_to_none=True)
         return None, math.nan, False
@@ -156,7 +156,7 @@ def train_step(model, optimizer, batch: PackedBatch, stage: Stage, *, guard: Non
     finite = guard.record(all_finite(loss), step=step, stage=stage.name, what="loss")
     if finite:
         # FSDP averages gradients over all dp x cp ranks; a pack's loss is the sum over its cp shards, and
-        # the step's gradient is the mean over the packs that hold documents.
+        # the step's gradient is the mean over the packs with something to learn.
         (loss * (dist.get_world_size() / packs)).backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf,
                                           foreach=True)
@@ -287,17 +287,12 @@ class Trainer:
         self._report_bad_samples(stage, loader)
 
     def _report_bad_samples(self, stage: Stage, loader) -> None:
-        """One line per stage: samples skipped by the index and at load time, by reason; details to a file."""
-        report = loader.bad_sample_report()
-        self.bad_samples.update(report["by_reason"])
-        if self.rank == 0 and report["total"]:
-            path = Path(self.config.metrics.dir) / "bad_samples.jsonl"
-            with open(path, "a", encoding="utf-8") as handle:
-                for event in report["events"]:
-                    handle.write(json.dumps({"stage": stage.name, **event}) + "\n")
-            reasons = ", ".join(f"{reason} {count}" for reason, count in report["by_reason"].most_common())
-            self.metrics.message(f"stage {stage.name}: {report['total']} bad samples skipped ({reasons}); "
-                                 f"details in {path}")
+        """One line per stage (counts by reason); every sample with its file, position and reason in a file."""
+        self.bad_samples.update(loader.bad_sample_counts())
+        suffix = f"-rank{self.rank}" if self.world > 1 else ""   # load-time skips differ per data-parallel rank
+        path = Path(self.config.metrics.dir) / f"bad_samples-{stage.name}{suffix}.jsonl"
+        loader.write_bad_samples(path)
+        self.metrics.message(f"stage {stage.name}: {loader.bad_sample_summary()}; details in {path}")
 
     def log(self, stage: Stage, batch: PackedBatch, loss, grad_norm, lr, step_time, t_data, applied) -> None:
         stats = batch.stats
