@@ -24,6 +24,7 @@ from longvl.eagle.train.forward import EagleTrainingForward
 from longvl.eagle.train.metrics import FlopsModel, MetricsLogger, device_peak_tflops
 from longvl.eagle.train.offload import CPUOffloadHooks, apply_activation_checkpointing
 from longvl.eagle.train.parallel_dims import build_fsdp_mesh, build_stage_mesh, init_distributed
+from longvl.eagle.train.signals import StopRequest
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -203,6 +204,7 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> None:
+        self.stop = StopRequest()   # SIGTERM / SIGINT: checkpoint at the next step boundary, then exit
         try:
             while self.stage_index < len(self.config.stages):
                 self.run_stage(self.config.stages[self.stage_index])
@@ -219,10 +221,11 @@ class Trainer:
                 if out is not None:
                     self.metrics.message(f"exported HF safetensors to {out}")
         finally:
-            self.checkpointer.wait()
+            self.checkpointer.close()
             png = self.metrics.close()
             if png is not None:
                 print(f"metrics: {self.metrics.path}  plot: {png}", flush=True)
+            self.stop.close()   # last: a launcher's SIGTERM to the remaining ranks must not cut this short
 
     def run_stage(self, stage: StageConfig) -> None:
         mesh = build_stage_mesh(self.fsdp_mesh, stage.cp, stage.ulysses)
@@ -255,6 +258,10 @@ class Trainer:
             if interval and self.global_step % interval == 0 and self.stage_step < total:
                 self.save(loader.state_dict())
             self.checkpointer.poll()
+            signum = self.stop.agreed()   # collective: every rank stops after the same step
+            if signum:
+                self.save(loader.state_dict())
+                raise self.stop.stopped(signum, self.global_step, self.checkpointer.wait())
 
     def train_step(self, shard: dict, cp_attention, stage: StageConfig, mesh):
         loss, norm, applied = train_step(self.module, self.optimizer, shard, cp_attention, stage.cp,
