@@ -28,6 +28,7 @@ from longvl.eagle.train.faults import NonFiniteGuard, all_finite, report_oom
 from longvl.eagle.train.metrics import FlopsModel, MetricsLogger, device_peak_tflops
 from longvl.eagle.train.offload import CPUOffloadHooks, apply_activation_checkpointing
 from longvl.eagle.train.parallel_dims import build_fsdp_mesh, init_distributed
+from longvl.eagle.train.signals import StopRequest
 from longvl.eagle.train.stage import Stage
 from longvl.parallel.hf import ATTENTION_NAME
 
@@ -234,6 +235,7 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> None:
+        self.stop = StopRequest()   # SIGTERM / SIGINT: checkpoint at the next step boundary, then exit
         try:
             while self.stage_index < len(self.config.stages):
                 self.run_stage(Stage.build(self.config.stages[self.stage_index], self.fsdp_mesh,
@@ -250,10 +252,11 @@ class Trainer:
                 if out is not None:
                     self.metrics.message(f"exported HF safetensors to {out}")
         finally:
-            self.checkpointer.wait()
+            self.checkpointer.close()
             png = self.metrics.close()
             if png is not None:
                 print(f"metrics: {self.metrics.path}  plot: {png}", flush=True)
+            self.stop.close()   # last: a launcher's SIGTERM to the remaining ranks must not cut this short
 
     def run_stage(self, stage: Stage) -> None:
         loader = stage_data.StageLoader(self.config, self.data_info, self.model.config, stage.config,
@@ -284,6 +287,10 @@ class Trainer:
             if interval and self.global_step % interval == 0 and self.stage_step < stage.steps:
                 self.save(loader.state_dict())
             self.checkpointer.poll()
+            signum = self.stop.agreed()   # collective: every rank stops after the same step
+            if signum:
+                self.save(loader.state_dict())
+                raise self.stop.stopped(signum, self.global_step, self.checkpointer.wait())
         self._report_bad_samples(stage, loader)
 
     def _report_bad_samples(self, stage: Stage, loader) -> None:
