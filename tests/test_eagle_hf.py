@@ -6,6 +6,7 @@ tests marked `gpu` repeat generation and the README snippet on CUDA.
 import copy
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -334,6 +335,15 @@ def test_processor_save_load_keeps_options(tmp_path, tokenizer, config):
         EagleImageProcessor(max_tile=3)
     with pytest.raises(ValueError, match="pixel_dtype"):
         EagleImageProcessor(pixel_dtype="int8")
+
+
+def test_processor_pickles(processor, clip):
+    """Data-loader workers started with spawn receive the processor (e.g. in a Trainer's collator) by pickle."""
+    clone = pickle.loads(pickle.dumps(processor))
+    prompt = ask("<image> and <video>")
+    for a, b in zip(clone(text=prompt, images=[picture(120, 60)], videos=[clip], return_tensors="pt").values(),
+                    processor(text=prompt, images=[picture(120, 60)], videos=[clip], return_tensors="pt").values()):
+        assert torch.equal(a, b)
 
 
 def test_image_processor_alone(processor):

@@ -63,7 +63,9 @@ def write_hf_metadata(folder, config, tokenizer=None, processor=None) -> Path:
     """config.json, generation_config.json, tokenizer, processor config and chat template into `folder`.
 
     Give the tokenizer (the processor is then built from the model config) or a processor built for this
-    model (its tokenizer is used). Weights are not written here."""
+    model (its tokenizer is used). Weights are not written here; call this after `model.save_pretrained`,
+    which writes a generation_config.json of its own (without the stop tokens when the model was built from
+    a config)."""
     from longvl.eagle.processor import EagleProcessor
 
     if processor is None:

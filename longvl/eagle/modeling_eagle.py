@@ -1,9 +1,13 @@
 """Eagle 2.5: SigLIP vision tower -> pixel shuffle -> `mlp1` -> spliced into a causal LM at `<IMG_CONTEXT>`.
 
-Module names follow the released checkpoint (SPEC §2) so its safetensors shards load with no key mapping:
+Module names follow the released checkpoint so its safetensors shards load with no key mapping:
 `vision_model.vision_model.*` (SigLIP), `mlp1.{0,1,3}.*` (LayerNorm, Linear, GELU, Linear) and
 `language_model.{model,lm_head}.*` (a plain Hugging Face causal LM, so kernel patches and context-parallel
 attention apply to it unchanged).
+
+For inference: `model.generate(**processor(...))` takes the processor's output as is; the vision tower runs once,
+at prefill, and beams or several returned sequences keep each prompt's tiles (`import longvl.eagle` registers
+the class with transformers' Auto classes).
 
 For the trainer: `extract_features(pixel_values)` runs any subset of tiles (e.g. one context-parallel rank's
 share) and `forward(..., image_features=...)` splices features computed elsewhere, in `<IMG_CONTEXT>` order.

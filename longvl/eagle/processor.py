@@ -181,6 +181,13 @@ class EagleProcessor(ProcessorMixin):
         self.image_token = IMG_CONTEXT
         self.image_token_id = self._template.img_context
 
+    def __getstate__(self):  # pickling (spawned data-loader workers): the encoder is rebuilt, not pickled
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._template = ChatTemplate(self.tokenizer, self.tokens_per_tile)
+
     @classmethod
     def from_config(cls, config, tokenizer, **options):
         """Tile size, tokens per tile and tiling options from an EagleConfig; other options as keywords."""
