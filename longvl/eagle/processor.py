@@ -151,6 +151,33 @@ def _per_prompt(media, counts: list[int], kind: str) -> list[list]:
     return [media[start:start + count] for start, count in zip(starts, counts)]
 
 
+@dataclasses.dataclass
+class _Prompt:
+    """One prompt of a call: messages with string content, and the media its content items name."""
+
+    messages: list
+    add_generation_prompt: bool
+    item_images: list           # sources named by image items, None for an item that names none
+    item_videos: list
+
+    @classmethod
+    def read(cls, prompt, add_generation_prompt: bool) -> "_Prompt":
+        """A ChatML string (which carries its own generation prompt) or a conversation."""
+        if isinstance(prompt, str):
+            messages, add_generation_prompt = parse_chatml(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            messages = prompt
+        else:
+            raise ValueError(f"a prompt is a ChatML string or a list of messages, got {type(prompt).__name__}")
+        converted = [_message_text(message, number) for number, message in enumerate(messages)]
+        return cls([message for message, _, _ in converted], add_generation_prompt,
+                   [source for _, found, _ in converted for source in found],
+                   [source for _, _, found in converted for source in found])
+
+    def placeholders(self, kind: str) -> int:
+        return sum(m["content"].count(f"<{kind}>") for m in self.messages if isinstance(m.get("content"), str))
+
+
 class EagleProcessor(ProcessorMixin):
     """Tokenizer + EagleImageProcessor + video sampling and ADS; see the module docstring.
 
@@ -305,31 +332,16 @@ class EagleProcessor(ProcessorMixin):
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         is_single = isinstance(text, str) or (isinstance(text, (list, tuple)) and bool(text)
                                                and isinstance(text[0], dict))
-        prompts = [text] if is_single else list(text)
+        prompts = [_Prompt.read(prompt, add_generation_prompt) for prompt in ([text] if is_single else text)]
         if not prompts:
             raise ValueError("text is an empty batch")
-        conversations = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                conversations.append(parse_chatml(prompt))
-            else:
-                conversations.append((prompt, add_generation_prompt))
-        converted = [self._items_to_text(messages) for messages, _ in conversations]
-        counts = {kind: [sum(m["content"].count(f"<{kind}>") for m in messages if isinstance(m.get("content"), str))
-                         for messages, _, _ in converted] for kind in ("image", "video")}
-        images = self._media(images, [found for _, found, _ in converted], counts["image"], "image")
-        videos = self._media(videos, [found for _, _, found in converted], counts["video"], "video")
-        samples = [self.process(messages, images[k], videos[k], max_length, generation)
-                   for k, ((messages, _, _), (_, generation)) in enumerate(zip(converted, conversations))]
+        images = self._media(images, [p.item_images for p in prompts], [p.placeholders("image") for p in prompts],
+                             "image")
+        videos = self._media(videos, [p.item_videos for p in prompts], [p.placeholders("video") for p in prompts],
+                             "video")
+        samples = [self.process(prompt.messages, images[k], videos[k], max_length, prompt.add_generation_prompt)
+                   for k, prompt in enumerate(prompts)]
         return self._batch(samples, padding_side, return_labels, return_tensors)
-
-    def _items_to_text(self, messages):
-        if not isinstance(messages, (list, tuple)):
-            raise ValueError(f"a conversation must be a list of messages, got {type(messages).__name__}")
-        converted = [_message_text(message, number) for number, message in enumerate(messages)]
-        images = [source for _, found, _ in converted for source in found]
-        videos = [source for _, _, found in converted for source in found]
-        return [message for message, _, _ in converted], images, videos
 
     @staticmethod
     def _media(given, in_items: list[list], counts: list[int], kind: str) -> list[list]:
