@@ -31,7 +31,9 @@ setup(
     extras_require={
         # `kernels` is Hugging Face's hub-kernels package: installed in tests so that a name clash with it
         # (it is imported by transformers >= 5.25) can never come back unseen.
-        "test": ["pytest>=8", "pytest-xdist", "pytest-timeout", "pytest-benchmark", "matplotlib", "kernels"],
+        # `accelerate`: transformers' Trainer needs it (tests/test_eagle_hf.py fine-tunes Eagle with it).
+        "test": ["pytest>=8", "pytest-xdist", "pytest-timeout", "pytest-benchmark", "matplotlib", "kernels",
+                 "accelerate"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "peers": ["liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],  # the versions our results name
         "flash": ["flash-attn", "ring-flash-attn"],

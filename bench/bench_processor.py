@@ -79,11 +79,11 @@ def main():
         image_path, video_path = write_inputs(Path(tmp))
         processor = EagleProcessor(tokenizer, sample_fps=FPS, max_frames=FRAMES)
         message = [{"role": "user", "content": "<image>\nDescribe the picture."}]
-        out = processor(message, images=[image_path])
-        tiles = out["pixel_values"].shape[0]
+        out = processor.process(message, images=[image_path])
+        tiles = out.pixel_values.shape[0]
         assert tiles == 13, f"expected 12 tiles + thumbnail for a 4K image, got {tiles}"
         shape = {"width": IMAGE_SIZE[0], "height": IMAGE_SIZE[1], "tiles": tiles, "tile": 448}
-        record("processor.image_4k", "ours", wall_median_ms(lambda: processor(message, images=[image_path]), 5),
+        record("processor.image_4k", "ours", wall_median_ms(lambda: processor.process(message, images=[image_path]), 5),
                shape, "images/s", 1, note="JPEG decode + IAP resize + tiles + thumbnail + normalise + tokens")
         record("processor.image_4k.plan", "ours",
                wall_median_ms(lambda: processor.plan(message, images=[image_path]), 20), shape, "images/s", 1,
@@ -101,10 +101,10 @@ def main():
             for threads in sorted({1, min(8, os.cpu_count())}):
                 video_processor = EagleProcessor(tokenizer, sample_fps=FPS, max_frames=FRAMES, video_backend=backend,
                                                  resize_threads=threads)
-                frames = video_processor(prompt, videos=[video_path])["pixel_values"].shape[0]
+                frames = video_processor.process(prompt, videos=[video_path]).pixel_values.shape[0]
                 assert frames == FRAMES, f"expected {FRAMES} sampled frames, got {frames}"
                 record("processor.video_512", backend,
-                       wall_median_ms(lambda: video_processor(prompt, videos=[video_path]), 3),
+                       wall_median_ms(lambda: video_processor.process(prompt, videos=[video_path]), 3),
                        {**video_shape, "resize_threads": threads}, "frames/s", FRAMES,
                        note="metadata + decode + resize to 448 + normalise + tokens")
     path = save_results(records, {}, "processor")

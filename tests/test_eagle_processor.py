@@ -1,4 +1,5 @@
-"""EagleProcessor: ChatML tokens and labels, visual token counts vs the model's slots, ADS, plan without pixels."""
+"""EagleProcessor.process / plan (the data pipeline's path): ChatML tokens and labels, visual token counts vs the
+model's slots, ADS, plan without pixels. The Hugging Face API of the same class: tests/test_eagle_hf.py."""
 import re
 
 import numpy as np
@@ -79,8 +80,8 @@ def test_stock_qwen_style_folder_gets_eagle_tokens(tmp_path):
 
 
 def test_chatml_labels_cover_assistant_turns_only(processor, tokenizer, clip):
-    out = processor(CONVERSATION, images=[picture(120, 60)], videos=[clip])
-    ids, labels = out["input_ids"], out["labels"]
+    out = processor.process(CONVERSATION, images=[picture(120, 60)], videos=[clip])
+    ids, labels = out.input_ids, out.labels
     assert ids.shape == labels.shape and ids.dtype == labels.dtype == torch.long
     supervised = tokenizer.decode(ids[labels != IGNORE_INDEX])
     assert supervised == "A dog runs after a ball.<|im_end|>It is night.<|im_end|>"
@@ -90,10 +91,10 @@ def test_chatml_labels_cover_assistant_turns_only(processor, tokenizer, clip):
     assert strip_visual(text) == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
                                          for m in CONVERSATION).replace("<image>\n", "").replace("<video>", "")
     times = [float(t) for t in re.findall(r"Frame \d+ at ([\d.]+)s", text)]
-    assert times == pytest.approx([i / 10 for i in out["plan"].frame_indices[0]])
-    prompt = processor(CONVERSATION[:2], images=[picture(120, 60)], videos=[clip], add_generation_prompt=True)
-    assert tokenizer.decode(prompt["input_ids"]).endswith("<|im_start|>assistant\n")
-    assert (prompt["labels"] == IGNORE_INDEX).all()
+    assert times == pytest.approx([i / 10 for i in out.plan.frame_indices[0]])
+    prompt = processor.process(CONVERSATION[:2], images=[picture(120, 60)], videos=[clip], add_generation_prompt=True)
+    assert tokenizer.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
+    assert (prompt.labels == IGNORE_INDEX).all()
 
 
 def test_token_counts_equal_model_slots(processor, config, clip):
@@ -101,55 +102,56 @@ def test_token_counts_equal_model_slots(processor, config, clip):
     images = [picture(300, 100), picture(56, 56, seed=1)]
     messages = [{"role": "user", "content": "<image> and <video> and <image>"},
                 {"role": "assistant", "content": "Two pictures."}]
-    out = processor(messages, images=images, videos=[clip])
-    plan = out["plan"]
+    out = processor.process(messages, images=images, videos=[clip])
+    plan = out.plan
     assert plan.image_grids == [(6, 2), (1, 1)] and plan.image_tiles == [13, 1]
-    assert out["num_tiles"].tolist() == [13] + [1] * len(plan.frame_indices[0]) + [1]
-    slots = int((out["input_ids"] == config.image_token_index).sum())
-    assert slots == int(out["num_tiles"].sum()) * TOKENS_PER_TILE == out["pixel_values"].shape[0] * TOKENS_PER_TILE
-    assert len(out["input_ids"]) == plan.num_tokens
-    assert out["pixel_values"].shape[1:] == (3, TILE, TILE) and out["pixel_values"].abs().max() <= 1
+    assert out.num_tiles.tolist() == [13] + [1] * len(plan.frame_indices[0]) + [1]
+    slots = int((out.input_ids == config.image_token_index).sum())
+    assert slots == int(out.num_tiles.sum()) * TOKENS_PER_TILE == out.pixel_values.shape[0] * TOKENS_PER_TILE
+    assert len(out.input_ids) == plan.num_tokens
+    assert out.pixel_values.shape[1:] == (3, TILE, TILE) and out.pixel_values.abs().max() <= 1
     torch.manual_seed(0)
     model = EagleForConditionalGeneration(config).eval()
     with torch.no_grad():
-        assert model.extract_features(out["pixel_values"]).shape[:2] == (out["pixel_values"].shape[0], 4)
-        loss = model(input_ids=out["input_ids"][None], pixel_values=out["pixel_values"],
-                     labels=out["labels"][None]).loss
+        assert model.extract_features(out.pixel_values).shape[:2] == (out.pixel_values.shape[0], 4)
+        loss = model(input_ids=out.input_ids[None], pixel_values=out.pixel_values,
+                     labels=out.labels[None]).loss
     assert torch.isfinite(loss)
 
 
 def test_text_only_sample_runs_through_the_model(processor, config):
-    out = processor(CONVERSATION[:1] + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
-    assert out["pixel_values"].shape == (0, 3, TILE, TILE) and out["num_tiles"].numel() == 0
+    out = processor.process(CONVERSATION[:1] + [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello."}])
+    assert out.pixel_values.shape == (0, 3, TILE, TILE) and out.num_tiles.numel() == 0
     model = EagleForConditionalGeneration(config).eval()
     with torch.no_grad():
-        loss = model(input_ids=out["input_ids"][None], pixel_values=out["pixel_values"],
-                     labels=out["labels"][None]).loss
+        loss = model(input_ids=out.input_ids[None], pixel_values=out.pixel_values,
+                     labels=out.labels[None]).loss
     assert torch.isfinite(loss)
 
 
 def test_pixels_follow_token_order(processor):
     """The second image's tiles come second: the k-th <image> takes images[k], in appearance order."""
     red, blue = Image.new("RGB", (56, 56), (255, 0, 0)), Image.new("RGB", (56, 56), (0, 0, 255))
-    out = processor([{"role": "user", "content": "<image><image>"}], images=[red, blue])
-    assert out["pixel_values"][0, 0].mean() == pytest.approx(1) and out["pixel_values"][1, 2].mean() == pytest.approx(1)
+    out = processor.process([{"role": "user", "content": "<image><image>"}], images=[red, blue])
+    assert out.pixel_values[0, 0].mean() == pytest.approx(1) and out.pixel_values[1, 2].mean() == pytest.approx(1)
 
 
 def test_placeholders_checked_or_prepended(processor, tokenizer):
-    out = processor([{"role": "user", "content": "Describe."}], images=[picture(56, 56)])
-    assert tokenizer.decode(out["input_ids"]).startswith("<|im_start|>user\n<img>")
+    out = processor.process([{"role": "user", "content": "Describe."}], images=[picture(56, 56)])
+    assert tokenizer.decode(out.input_ids).startswith("<|im_start|>user\n<img>")
     with pytest.raises(ValueError, match="2 <image> placeholders .* 1 images"):
-        processor([{"role": "user", "content": "<image><image>"}], images=[picture(56, 56)])
+        processor.process([{"role": "user", "content": "<image><image>"}], images=[picture(56, 56)])
     with pytest.raises(ValueError, match="role"):
-        processor([{"role": "robot", "content": "hi"}])
+        processor.process([{"role": "robot", "content": "hi"}])
     with pytest.raises(ValueError, match="non-empty list"):
-        processor([])
+        processor.process([])
 
 
 def test_plan_reads_no_pixels(processor, clip, tmp_path, monkeypatch):
     path = tmp_path / "wide.png"
     picture(300, 100).save(path)
-    full = processor(CONVERSATION, images=[path], videos=[clip], max_length=200)
+    full = processor.process(CONVERSATION, images=[path], videos=[clip], max_length=200)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("plan() decoded pixels")
@@ -158,8 +160,8 @@ def test_plan_reads_no_pixels(processor, clip, tmp_path, monkeypatch):
     monkeypatch.setattr(video, "_decord_frames", forbidden)
     monkeypatch.setattr(video, "_opencv_frames", forbidden)
     plan = processor.plan(CONVERSATION, images=[path], videos=[clip], max_length=200)
-    assert plan.num_tokens == len(full["input_ids"]) and plan.image_tiles == full["plan"].image_tiles
-    assert plan.frame_indices == full["plan"].frame_indices and plan.degraded == full["plan"].degraded
+    assert plan.num_tokens == len(full.input_ids) and plan.image_tiles == full.plan.image_tiles
+    assert plan.frame_indices == full.plan.frame_indices and plan.degraded == full.plan.degraded
     monkeypatch.setattr(video, "_decord_meta", forbidden)
     monkeypatch.setattr(video, "_opencv_meta", forbidden)
     again = processor.plan(CONVERSATION, images=[path], videos=plan.video_meta, max_length=200)
@@ -167,9 +169,9 @@ def test_plan_reads_no_pixels(processor, clip, tmp_path, monkeypatch):
     monkeypatch.undo()  # decoding allowed again, metadata reads still not
     monkeypatch.setattr(video, "_decord_meta", forbidden)
     monkeypatch.setattr(video, "_opencv_meta", forbidden)
-    stored = processor(CONVERSATION, images=[path], videos=plan.video_meta, max_length=200)
-    assert torch.equal(stored["input_ids"], full["input_ids"])
-    assert torch.equal(stored["pixel_values"], full["pixel_values"])
+    stored = processor.process(CONVERSATION, images=[path], videos=plan.video_meta, max_length=200)
+    assert torch.equal(stored.input_ids, full.input_ids)
+    assert torch.equal(stored.pixel_values, full.pixel_values)
 
 
 def test_ads_never_exceeds_and_keeps_text(processor, tokenizer, clip):
@@ -177,19 +179,19 @@ def test_ads_never_exceeds_and_keeps_text(processor, tokenizer, clip):
                 {"role": "assistant", "content": "A dog runs after a ball."}]
     media = dict(images=[picture(300, 100), picture(200, 200, seed=1)], videos=[clip])
     free = processor.plan(messages, **media)
-    reference_text = strip_visual(tokenizer.decode(processor(messages, **media)["input_ids"]))
+    reference_text = strip_visual(tokenizer.decode(processor.process(messages, **media).input_ids))
     assert processor.plan(messages, max_length=free.num_tokens, **media).degraded == {"images": [], "videos": []}
     frames_cut = tiles_cut = refused = 0
     for max_length in range(free.num_tokens - 1, free.text_tokens - 2, -5):
         try:
-            out = processor(messages, max_length=max_length, **media)
+            out = processor.process(messages, max_length=max_length, **media)
         except SampleTooLongError as err:
             assert err.text_tokens + err.min_visual_tokens > max_length
             refused += 1
             continue
-        plan = out["plan"]
-        assert len(out["input_ids"]) == plan.num_tokens <= max_length
-        assert strip_visual(tokenizer.decode(out["input_ids"])) == reference_text
+        plan = out.plan
+        assert len(out.input_ids) == plan.num_tokens <= max_length
+        assert strip_visual(tokenizer.decode(out.input_ids)) == reference_text
         frames = len(plan.frame_indices[0])
         assert plan.degraded["videos"] == [(0, len(free.frame_indices[0]), frames)]
         assert plan.frame_indices[0] == processor._frames(plan.video_meta[0], frames)  # uniformly resampled
@@ -215,33 +217,34 @@ def test_ads_errors(processor, clip):
 
 def test_bad_media_through_the_processor(processor, tmp_path):
     with pytest.raises(ImageLoadError):
-        processor([{"role": "user", "content": "<image>"}], images=[b"not an image"])
+        processor.process([{"role": "user", "content": "<image>"}], images=[b"not an image"])
     with pytest.raises(ImageLoadError, match="zero size"):
         processor.plan([{"role": "user", "content": "<image>"}], images=[Image.new("RGB", (0, 3))])
     with pytest.raises(video.VideoLoadError):
-        processor([{"role": "user", "content": "<video>"}], videos=[tmp_path / "missing.mp4"])
+        processor.process([{"role": "user", "content": "<video>"}], videos=[tmp_path / "missing.mp4"])
     gray16 = Image.fromarray(np.full((30, 90), 40000, np.uint16))
-    out = processor([{"role": "user", "content": "<image>"}], images=[gray16])
-    assert out["plan"].image_grids == [(3, 1)]
-    torch.testing.assert_close(out["pixel_values"][0, :, 10, 10], torch.full((3,), 156 / 127.5 - 1))
+    out = processor.process([{"role": "user", "content": "<image>"}], images=[gray16])
+    assert out.plan.image_grids == [(3, 1)]
+    torch.testing.assert_close(out.pixel_values[0, :, 10, 10], torch.full((3,), 156 / 127.5 - 1))
 
 
 def test_uint8_pixels_are_normalised_by_the_model(processor, tokenizer, config):
     raw = EagleProcessor.from_config(config, tokenizer, pixel_dtype=torch.uint8)
     images, message = [picture(120, 60)], [{"role": "user", "content": "<image>"}]
-    as_float, as_uint8 = processor(message, images=images), raw(message, images=images)
-    assert as_uint8["pixel_values"].dtype == torch.uint8
-    torch.testing.assert_close(as_uint8["pixel_values"].float() / 127.5 - 1, as_float["pixel_values"])
+    as_float, as_uint8 = processor.process(message, images=images), raw.process(message, images=images)
+    assert as_uint8.pixel_values.dtype == torch.uint8
+    torch.testing.assert_close(as_uint8.pixel_values.float() / 127.5 - 1, as_float.pixel_values)
     model = EagleForConditionalGeneration(config).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model.extract_features(as_uint8["pixel_values"]),
-                                   model.extract_features(as_float["pixel_values"]))
+        torch.testing.assert_close(model.extract_features(as_uint8.pixel_values),
+                                   model.extract_features(as_float.pixel_values))
 
 
 def test_threaded_frame_resize_is_identical(processor, tokenizer, config, clip):
     threaded = EagleProcessor.from_config(config, tokenizer, min_frames=2, max_frames=16, resize_threads=3)
     message = [{"role": "user", "content": "<video>"}]
-    assert torch.equal(threaded(message, videos=[clip])["pixel_values"], processor(message, videos=[clip])["pixel_values"])
+    assert torch.equal(threaded.process(message, videos=[clip]).pixel_values,
+                       processor.process(message, videos=[clip]).pixel_values)
 
 
 def test_config_options_reach_the_processor(tokenizer, config):
@@ -295,20 +298,20 @@ def test_user_and_assistant_text_never_becomes_control_or_image_tokens(kind, tok
     processor = EagleProcessor(tok, tile_size=TILE, tokens_per_tile=TOKENS_PER_TILE, max_tiles=2)
     messages = [{"role": "system", "content": HOSTILE}, {"role": "user", "content": f"<image>\n{HOSTILE}"},
                 {"role": "assistant", "content": HOSTILE}]
-    out = processor(messages, images=[picture(80, 40)])
-    ids = out["input_ids"].tolist()
+    out = processor.process(messages, images=[picture(80, 40)])
+    ids = out.input_ids.tolist()
     special = {tok.convert_tokens_to_ids(name): name for name in ("<|im_start|>", "<|im_end|>", "<img>", "</img>",
                                                                    IMG_CONTEXT)}
     counts = {name: ids.count(token) for token, name in special.items()}
-    tiles = int(out["num_tiles"].sum())
+    tiles = int(out.num_tiles.sum())
     assert counts == {"<|im_start|>": 3, "<|im_end|>": 3, "<img>": 1, "</img>": 1, IMG_CONTEXT: tiles * TOKENS_PER_TILE}
     assert added_ids & set(ids) == set(special)  # no other added token at all (<tool_call> is not special in Qwen)
-    assert int((out["input_ids"] == processor.image_token_id).sum()) == tiles * TOKENS_PER_TILE
-    supervised = out["input_ids"][out["labels"] != IGNORE_INDEX].tolist()
+    assert int((out.input_ids == processor.image_token_id).sum()) == tiles * TOKENS_PER_TILE
+    supervised = out.input_ids[out.labels != IGNORE_INDEX].tolist()
     assert tok.decode(supervised[:-1]) == HOSTILE and supervised[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     # The plan's length is the rendered length, and the text is encoded as the tokenizer would with
     # split_special_tokens=True where that suffices (every added token special, as in the tiny tokenizer).
     assert processor.plan(messages, images=[picture(80, 40)]).num_tokens == len(ids)
     if kind == "tiny":
-        assert processor.template.encode_text(HOSTILE) == tok(HOSTILE, add_special_tokens=False,
+        assert processor._template.encode_text(HOSTILE) == tok(HOSTILE, add_special_tokens=False,
                                                               split_special_tokens=True)["input_ids"]

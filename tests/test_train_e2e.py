@@ -204,3 +204,51 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, data_dir):
     config = write_config(tmp_path / "stop", data_dir, stage, faults={"max_consecutive_nonfinite": 2})
     message = run_distributed(_train_with_nan, 1, str(config), {2, 3}, True, timeout=200)[0]
     assert "2 consecutive steps with a non-finite loss" in message and "stage 's'" in message
+
+
+def _train_and_keep_weights(rank, world, config_path):
+    from longvl import kernels  # noqa: F401
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from longvl.eagle.train.config import load_config
+    from longvl.eagle.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config_path))
+    trainer.run()
+    state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {key: value.clone() for key, value in state.items()}, trainer.model.config.to_dict()
+
+
+def test_training_export_loads_with_auto_classes_and_gives_the_same_logits(tmp_path, data_dir):
+    """demo-sized training -> the trainer's HF export -> AutoModel / AutoProcessor on their own -> the logits of
+    the trained model in memory (weights rounded to the export's bf16 on both sides)."""
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    import longvl.eagle  # noqa: F401  (registers the Auto classes)
+    from longvl.eagle.configuration_eagle import EagleConfig
+    from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
+
+    stage = [{"name": "s", "max_length": 512, "cp": 1, "steps": 3, "lr": 2e-3, "warmup_fraction": 0.0}]
+    config = write_config(tmp_path / "run", data_dir, stage)
+    tree = yaml.safe_load(config.read_text())
+    tree["checkpoint"]["export_hf"] = True
+    config.write_text(yaml.safe_dump(tree))
+    weights, model_config = run_distributed(_train_and_keep_weights, 1, str(config), timeout=300)[0]
+    folder = tmp_path / "run" / "ckpt" / "hf"
+    loaded = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    in_memory = EagleForConditionalGeneration(EagleConfig.from_dict(model_config)).eval()
+    in_memory.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in weights.items()})
+    inputs = processor(text=processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True), images=[_picture()], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, in_memory(**inputs).logits)
+
+
+def _picture():
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))

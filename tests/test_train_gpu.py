@@ -86,14 +86,19 @@ def test_kernels_on_and_off_curves_agree(tmp_path_factory, demo_data, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_export_loads_back_and_runs(tmp_path_factory, demo_data, dtype):
-    from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
+def test_export_loads_back_and_generates(tmp_path_factory, demo_data, dtype):
+    from transformers import AutoModel, AutoProcessor
 
-    folder = _run(tmp_path_factory, demo_data, dtype, True)[0]
-    model = EagleForConditionalGeneration.from_pretrained(folder / "ckpt" / "hf", dtype=torch.float32).cuda()
-    ids = torch.randint(0, 64, (1, 24), device="cuda")
-    logits = model(input_ids=ids).logits
+    import longvl.eagle  # noqa: F401  (registers the Auto classes)
+
+    folder = _run(tmp_path_factory, demo_data, dtype, True)[0] / "ckpt" / "hf"
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=processor.apply_chat_template([{"role": "user", "content": "Say something."}],
+                                                          add_generation_prompt=True), return_tensors="pt").to("cuda")
+    logits = model(**inputs).logits
     assert logits.shape[-1] == model.config.text_config.vocab_size and torch.isfinite(logits).all()
+    assert model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4
 
 
 def test_kill_and_resume_gives_the_identical_curve(tmp_path, demo_data):

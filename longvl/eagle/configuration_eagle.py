@@ -1,4 +1,4 @@
-"""Eagle 2.5 configuration with the keys of the released checkpoint's config.json (SPEC §2).
+"""Eagle 2.5 configuration with the keys of the released checkpoint's config.json.
 
 A released config.json loads as is: unknown release-only keys (e.g. `loss_version`) are kept as attributes and
 ignored. `eagle2_5_8b_config()` gives the 8B shapes without downloading anything; `tiny_eagle_config()` gives a
@@ -32,7 +32,7 @@ class EagleConfig(PreTrainedConfig):
         if isinstance(self.vision_config, dict):
             vision = dict(self.vision_config)
             vision.pop("model_type", None)
-            vision.setdefault("vision_use_head", False)  # the pooling head is unused (SPEC §2): do not build it
+            vision.setdefault("vision_use_head", False)  # the pooling head is unused: do not build it
             self.vision_config = SiglipVisionConfig(**vision)
         elif self.vision_config is None:
             self.vision_config = SiglipVisionConfig(vision_use_head=False)
@@ -81,7 +81,7 @@ class EagleConfig(PreTrainedConfig):
 
 
 def eagle2_5_8b_config(**overrides) -> EagleConfig:
-    """Shapes of the released Eagle 2.5 8B: SigLIP so400m 448/14 + Qwen2.5-7B (SPEC §2)."""
+    """Shapes of the released Eagle 2.5 8B: SigLIP so400m 448/14 + Qwen2.5-7B."""
     vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                   image_size=448, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
                   vision_use_head=False)

@@ -1,6 +1,6 @@
 """Eagle 2.5: SigLIP vision tower -> pixel shuffle -> `mlp1` -> spliced into a causal LM at `<IMG_CONTEXT>`.
 
-Module names follow the released checkpoint (SPEC §2) so its safetensors shards load with no key mapping:
+Module names follow the released checkpoint so its safetensors shards load with no key mapping:
 `vision_model.vision_model.*` (SigLIP), `mlp1.{0,1,3}.*` (LayerNorm, Linear, GELU, Linear) and
 `language_model.{model,lm_head}.*` (a plain Hugging Face causal LM, so kernel patches and context-parallel
 attention apply to it unchanged).
@@ -9,6 +9,10 @@ Two forwards share one image-feature splice (`place_image_features`): the Huggin
 evaluation, HF training) and `packed_loss`, the trainer's forward over one context-parallel shard of a packed
 sequence. `extract_features(pixel_values)` runs any subset of tiles and `forward(..., image_features=...)`
 splices features computed elsewhere, in `<IMG_CONTEXT>` order.
+
+For inference: `model.generate(**processor(...))` takes the processor's output as is; the vision tower runs once,
+at prefill, and beams or several returned sequences keep each prompt's tiles (`import longvl.eagle` registers
+the class with transformers' Auto classes).
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ from longvl.eagle.pixel_shuffle import pixel_shuffle
 if typing.TYPE_CHECKING:
     from longvl.eagle.data.batch import PackedBatch
     from longvl.parallel.hf import CPSequence
+
+
+# Inputs used at prefill only; also repeated per prompt (not per row) for beams.
+_VISION_INPUTS = ("pixel_values", "image_features", "image_flags", "num_tiles")
 
 
 def _as_model_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,6 +93,15 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.language_model.set_output_embeddings(value)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, with the weight files given the umask's mode (safetensors makes them
+        0600 while every other file of the folder gets the default)."""
+        from longvl.eagle.export import give_default_modes, weight_files
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        give_default_modes(weight_files(save_directory))
+        return result
+
     def apply_kernels(self, **which):
         """Swap in our Triton RMSNorm / RoPE / SwiGLU / linear+CE (longvl.kernels.apply_kernels); returns self."""
         from longvl import kernels
@@ -95,7 +112,7 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def extract_features(self, pixel_values: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
         """(tiles, 3, s, s) -> (tiles, tokens_per_tile, hidden), `micro_batch` tiles at a time to bound memory.
 
-        Pixels are normalised floats, or raw uint8 from `EagleProcessor(pixel_dtype=torch.uint8)`, normalised
+        Pixels are normalised floats, or raw uint8 from `EagleImageProcessor(pixel_dtype="uint8")`, normalised
         here (mean 0.5, std 0.5) one micro-batch at a time."""
         size = self.config.force_image_size
         if pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, size, size):
@@ -186,10 +203,12 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     # --- forward / generate ----------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                inputs_embeds=None, labels=None, image_flags=None, image_features=None, use_cache=None,
-                logits_to_keep=0, **kwargs):
+                inputs_embeds=None, labels=None, image_flags=None, image_features=None, num_tiles=None,
+                use_cache=None, logits_to_keep=0, **kwargs):
         """Splice vision features into the text embeddings, then run the language model.
 
+        Tiles go to the `<IMG_CONTEXT>` positions in order (row-major over the batch), `tokens_per_tile` each.
+        `num_tiles` (tiles per `<img>` block, as the processor returns it) is checked against the tiles given.
         `image_flags` (one per tile, 0 for padding tiles of text-only samples) keeps flagged-off tiles out of
         the sequence while their features still join the graph with weight 0, so every rank's vision tower
         gets a gradient (FSDP needs it). `image_features` replaces `pixel_values` when computed elsewhere. The
@@ -206,6 +225,9 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if image_features is not None:
             if input_ids is None:
                 raise ValueError("splicing image features needs input_ids to find the <IMG_CONTEXT> positions")
+            if num_tiles is not None and int(num_tiles.sum()) != image_features.shape[0]:
+                raise ValueError(f"num_tiles adds up to {int(num_tiles.sum())} tiles but {image_features.shape[0]} "
+                                 "were given")
             if image_flags is not None:
                 keep = image_flags.reshape(-1).bool()
                 if keep.numel() != image_features.shape[0]:
@@ -218,9 +240,54 @@ class EagleForConditionalGeneration(PreTrainedModel, GenerationMixin):
                                    logits_to_keep=logits_to_keep, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
-        """Vision inputs belong to the prompt only: decoding steps carry no `<IMG_CONTEXT>` tokens."""
+        """Vision inputs belong to the prompt only: decoding steps carry no `<IMG_CONTEXT>` tokens, so the
+        vision tower runs once, at prefill."""
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in ("pixel_values", "image_features", "image_flags"):
+            for key in _VISION_INPUTS:
                 inputs.pop(key, None)
         return inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
+                                      **model_kwargs):
+        """Beam search and num_return_sequences repeat each prompt; its tiles must repeat with it (they are
+        indexed by tile, not by prompt, so the generic row-wise repeat would pair prompts with wrong tiles)."""
+        vision = {key: model_kwargs.pop(key) for key in _VISION_INPUTS if model_kwargs.get(key) is not None}
+        if vision and expand_size > 1:
+            vision = self._repeat_tiles_per_prompt(input_ids, vision, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        return input_ids, {**model_kwargs, **vision}
+
+    def _repeat_tiles_per_prompt(self, input_ids, vision: dict, times: int) -> dict:
+        if input_ids is None or "image_flags" in vision:
+            raise ValueError("repeating prompts in generate (beams, num_return_sequences) needs input_ids, and "
+                             "works without image_flags")
+        slots = (input_ids == self.config.image_token_index).sum(1)
+        if bool((slots % self.config.tokens_per_tile).any()):
+            raise ValueError(f"a prompt's <IMG_CONTEXT> count {slots.tolist()} is not a multiple of "
+                             f"{self.config.tokens_per_tile} tokens per tile")
+        tiles = (slots // self.config.tokens_per_tile).tolist()
+        for key in ("pixel_values", "image_features"):
+            if key in vision and vision[key].shape[0] != sum(tiles):
+                raise ValueError(f"{key} holds {vision[key].shape[0]} tiles but the prompts' <IMG_CONTEXT> "
+                                 f"tokens ask for {sum(tiles)}")
+        out = {}
+        for key in ("pixel_values", "image_features"):
+            if key in vision:
+                out[key] = torch.cat([part.repeat(times, *[1] * (part.dim() - 1))
+                                      for part in vision[key].split(tiles)])
+        if "num_tiles" in vision:
+            blocks, start = [], 0
+            counts = vision["num_tiles"].tolist()
+            for prompt_tiles in tiles:  # the blocks of each prompt: consecutive, adding up to its tiles
+                end, total = start, 0
+                while total < prompt_tiles:
+                    total += counts[end]
+                    end += 1
+                if total != prompt_tiles:
+                    raise ValueError(f"num_tiles {counts} does not split into the prompts' tiles {tiles}")
+                blocks += [vision["num_tiles"][start:end]] * times
+                start = end
+            out["num_tiles"] = torch.cat(blocks)
+        return out

@@ -76,13 +76,13 @@ class EagleBackend(ProcessorBackend):
     def process(self, record, max_length, video_meta):
         """Tokens, labels and pixels, sampling frames from `video_meta` (the index's per-video metadata)."""
         videos = self._stored_videos(record, video_meta)
-        out = self._guarded(self.processor, self._messages(record), record.images, videos, max_length)
-        plan = out["plan"]
+        out = self._guarded(self.processor.process, self._messages(record), record.images, videos, max_length)
+        plan = out.plan
         return {
-            "input_ids": out["input_ids"],
-            "labels": out["labels"],
-            "pixel_values": out["pixel_values"],
-            "num_tiles": out["num_tiles"].tolist(),
+            "input_ids": out.input_ids,
+            "labels": out.labels,
+            "pixel_values": out.pixel_values,
+            "num_tiles": out.num_tiles.tolist(),
             "frames": sum(len(indices) for indices in plan.frame_indices),
             "degraded": _describe(plan.degraded),
         }

@@ -465,13 +465,15 @@ def _reraise(error: BaseException):
     raise error
 
 
-def export_hf(model, out_dir: str | os.PathLike, *, config=None,
+def export_hf(model, out_dir: str | os.PathLike, *, config=None, tokenizer=None,
               max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype = torch.bfloat16) -> Path | None:
     """Gather the full weights and write HF safetensors shards + index json (rank 0); collective on all ranks.
 
     Keys keep the model's own names (`vision_model.vision_model.*`, `mlp1.*`, `language_model.model.*`,
-    `language_model.lm_head.weight` for Eagle).
-    Files are written into a staging folder and renamed into place with the umask's mode (see atomic_files.py).
+    `language_model.lm_head.weight` for Eagle). With the model `config` and its `tokenizer`, the folder also
+    gets what transformers' Auto classes need (longvl.eagle.export.write_hf_metadata): config, generation
+    config, tokenizer, processor config, chat template. Files are written into a staging folder and renamed
+    into place with the umask's mode (see atomic_files.py).
     """
     from safetensors.torch import save_file
 
@@ -501,6 +503,10 @@ def export_hf(model, out_dir: str | os.PathLike, *, config=None,
                 total += t.numel() * t.element_size()
         (staging / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        if config is not None:
+        if config is not None and tokenizer is not None:
+            from longvl.eagle.export import write_hf_metadata
+
+            write_hf_metadata(staging, config, tokenizer=tokenizer)
+        elif config is not None:
             config.save_pretrained(staging)
     return out

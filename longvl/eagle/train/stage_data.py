@@ -28,7 +28,7 @@ class DataInfo:
     pad_token_id: int
 
 
-def _load_tokenizer(folder: str | None):
+def load_tokenizer(folder: str | None):
     from longvl.eagle.processing.tokenizer import load_tokenizer, tiny_tokenizer
 
     return tiny_tokenizer() if folder is None else load_tokenizer(folder)
@@ -51,7 +51,7 @@ def prepare(config, rank: int) -> DataInfo:
     if not mixture.exists():
         raise FileNotFoundError(f"no mixture file at {mixture}: point data.dir at a folder with mixture.yaml "
                                 "(see longvl/eagle/data/mixture.py) or use data.source=synthetic")
-    tokenizer = _load_tokenizer(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     return DataInfo(mixture=str(mixture), tokenizer=config.data.tokenizer, vocab_size=len(tokenizer),
                     image_token_index=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
                     pad_token_id=tokenizer.pad_token_id or 0)

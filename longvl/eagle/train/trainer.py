@@ -248,9 +248,11 @@ class Trainer:
             self.save(None)
             self.checkpointer.wait()
             if self.config.checkpoint.export_hf:
-                out = export_hf(self.model, f"{self.config.checkpoint.dir}/hf", config=self.model.config)
+                out = export_hf(self.model, f"{self.config.checkpoint.dir}/hf", config=self.model.config,
+                                tokenizer=stage_data.load_tokenizer(self.config.data.tokenizer))
                 if out is not None:
-                    self.metrics.message(f"exported HF safetensors to {out}")
+                    self.metrics.message(f"exported a Hugging Face model folder to {out} (AutoModel / "
+                                         f"AutoProcessor.from_pretrained after `import longvl.eagle`)")
         finally:
             self.checkpointer.close()
             png = self.metrics.close()
