@@ -16,6 +16,7 @@ def enable_interpreter_without_gpu() -> bool:
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpreted:
         fix_interpreter_scalar_index()
+        interpret_libdevice_tanh()
     return interpreted
 
 
@@ -37,3 +38,24 @@ def fix_interpreter_scalar_index():
 
     patch_tensor_with_scalar_index.fixes_scalar_index = True
     interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
+
+
+def interpret_libdevice_tanh():
+    """Let interpreted kernels call `triton.language.extra.libdevice.tanh` (the GPU math library's tanh).
+
+    Triton 3.6-3.9 interpret only triton.language's own math; the libdevice functions are stubs there and return
+    None. NumPy's tanh stands in: correctly rounded in fp32, like libdevice's to within its 2 ulp.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.language.extra import libdevice
+    from triton.runtime.interpreter import TensorHandle
+
+    if getattr(libdevice.tanh, "interpreted", False):
+        return
+
+    def tanh(arg0, _semantic=None):
+        return tl.tensor(TensorHandle(np.tanh(arg0.handle.data), arg0.handle.dtype.scalar), arg0.type)
+
+    tanh.interpreted = True
+    libdevice.tanh = tanh
