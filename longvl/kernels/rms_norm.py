@@ -6,8 +6,9 @@ Three casting conventions exist in the wild and users depend on the exact roundi
   none:  every step in x's dtype, as a module written in plain torch computes it for a bf16 / fp16 input:
          the squares, their mean (summed in fp32, as torch's mean is), mean + eps, rstd, x * rstd, offset + w and
          the product are each rounded to x's dtype (Liger-Kernel's casting mode "none").
-The output has x's dtype. Backward is fp32 math in every convention, on the values the forward rounded. With a residual, the kernel also returns residual_sum = x + residual (rounded to x's
-dtype, as a pre-norm decoder's `residual = residual + hidden`) and normalises that sum.
+The output has x's dtype. Backward is fp32 math in every convention, on the values the forward rounded.
+With a residual, the kernel also returns residual_sum = x + residual (rounded to x's dtype, as a pre-norm
+decoder's `residual = residual + hidden`) and normalises that sum.
 
 Backward never writes into a tensor autograd may still hold: dX gets its own buffer, because the incoming
 gradient can be shared with other branches of the graph. dW: a persistent grid of programs each accumulates an
