@@ -1,6 +1,7 @@
 """RoPE against a float64 reference: q and k outputs and gradients, both layouts, GQA and a single KV head,
 partial rotary dims, head dims that are not a power of two (odd ones included), HF cos/sin or in-kernel angles
-from position_ids (restarting, arbitrary, large), NaN propagation and bad input. CPU sizes are small (interpreter); on a GPU the same tests run at real sizes."""
+from position_ids (restarting, arbitrary, large), NaN propagation and bad input. CPU sizes are small
+(interpreter); on a GPU the same tests run at real sizes."""
 import pytest
 import torch
 
