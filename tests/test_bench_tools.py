@@ -67,3 +67,20 @@ def test_train_bench_data_part_runs_the_trainer_loader_on_cpu(tmp_path):
     (record,) = [r for r in json.loads(path.read_text())["records"] if r["op"] == "train_data_share"]
     assert 0 <= record["value"] <= 1 and record["median_ms"] > 0 and record["shape"]["workers"] == 1
     assert "'steps': 2" in record["note"] and "video_heavy" in record["note"]
+
+
+def test_tune_norm_rope_documents_itself_and_checks_its_arguments(tmp_path, capsys):
+    import torch
+
+    from bench import tune_norm_rope
+
+    with pytest.raises(SystemExit) as exited:
+        tune_norm_rope.main(["--help"])
+    assert exited.value.code == 0 and "--out" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        tune_norm_rope.main(["--out", str(tmp_path), "--norm-shapes", "4096by3584"])
+    assert exited.value.code == 2 and "TOKENSxHIDDEN" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exited:
+            tune_norm_rope.main(["--out", str(tmp_path / "sweep")])
+        assert exited.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
