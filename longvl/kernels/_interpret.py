@@ -17,6 +17,7 @@ def enable_interpreter_without_gpu() -> bool:
     if interpreted:
         fix_interpreter_scalar_index()
         interpret_libdevice_tanh()
+        round_bf16_to_nearest()
     return interpreted
 
 
@@ -59,3 +60,29 @@ def interpret_libdevice_tanh():
 
     tanh.interpreted = True
     libdevice.tanh = tanh
+
+
+def round_bf16_to_nearest():
+    """Make the interpreter round fp32 -> bf16 casts to nearest even, as the GPU's conversion does.
+
+    Triton 3.6-3.9's interpreter truncates them (it drops the low 16 bits), which biases every bf16 result
+    computed on CPU towards zero by up to one bf16 ulp and hides the accuracy a kernel has on the GPU.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+    if getattr(cast, "rounds_bf16", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = src.data.astype(np.float32, copy=False).view(np.uint32)
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)
+        return interpreter.TensorHandle(np.where(np.isnan(src.data), quiet_nan, rounded), tl.bfloat16)
+
+    cast_impl.rounds_bf16 = True
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
