@@ -49,6 +49,8 @@ def providers():
     """name -> loss(x, weight, target), for every provider installed here."""
     table = {"ours": lambda x, w, y: linear_cross_entropy(x, w, y),
              "ours_weight_dtype": lambda x, w, y: linear_cross_entropy(x, w, y, dw_accumulation="weight_dtype"),
+             "ours_weight_dtype_chunk512": lambda x, w, y: linear_cross_entropy(x, w, y, dw_accumulation="weight_dtype",
+                                                                                chunk_size=512),
              "ours_per_vocab_chunk": lambda x, w, y: linear_cross_entropy(x, w, y,
                                                                           dw_accumulation="per_vocab_chunk")}
     if SWEEP:

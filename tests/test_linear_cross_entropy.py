@@ -347,6 +347,30 @@ def test_full_size_all_options_on_gpu(dw_accumulation, reduction):
         assert_bf16_gradient_close(got, want)
 
 
+@pytest.mark.gpu
+def test_lean_setting_keeps_only_the_gradients_and_one_logit_block_on_gpu():
+    """weight_dtype with 512-token chunks writes the gradients over the fp32 logits: the peak beyond the inputs is
+    dW and dx (bf16) and one 512 x V fp32 block, plus per-token statistics and cuBLAS workspace (64 MiB slack)."""
+    hidden, vocab, tokens = 3584, 152064, 8192
+    x, weight, target = make_inputs((tokens,), hidden, vocab, "cuda", dtype=torch.bfloat16)
+    x.requires_grad_()
+    weight.requires_grad_()
+
+    def step():
+        loss = linear_cross_entropy(x, weight, target, dw_accumulation="weight_dtype", chunk_size=512)
+        return torch.autograd.grad(loss, (x, weight))
+
+    step()  # compile the kernels and allocate cuBLAS's workspace first
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dx, dw = step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    bound = dw.numel() * 2 + dx.numel() * 2 + 512 * vocab * 4 + 64 * 2**20
+    assert extra <= bound, f"{extra / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
 def assert_bf16_gradient_close(got, want):
     """bf16 gradients of the logits feed the GEMMs: each element within 3 % of the largest, 1 % overall."""
     assert torch.isfinite(got).all()
