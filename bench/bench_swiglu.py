@@ -5,9 +5,8 @@ and up and writing h, then reading dh, gate, up and writing dgate, dup = 8 T I e
 kept), ours with overwrite_inputs_in_backward (Liger's memory behaviour), eager F.silu(g) * u, torch.compile
 of it, Liger's LigerSiLUMulFunction.
 MLP (H hidden): 9 GEMMs of 2 T H I flops each = 18 T H I model flops, whatever a provider recomputes.
-Providers: ours (saves gate / up), ours.recompute, ours.triton_gemm (gate / up GEMM with the SwiGLU epilogue
-in Triton), eager HF Qwen2MLP, torch.compile of it, Liger's LigerSwiGLUMLP. gate_up.fwd isolates the GEMM
-choice: two cuBLAS GEMMs + our elementwise kernel vs the Triton GEMM with the epilogue.
+Providers: ours (saves gate / up), ours.recompute, eager HF Qwen2MLP, torch.compile of it, Liger's
+LigerSwiGLUMLP.
 Where the MLP's time goes: gemms times the nine GEMMs alone (no elementwise pass: the floor of any
 cuBLAS-based MLP) with cuBLAS and with cuBLASLt as torch's preferred library, in the order of a variant that
 packs [gate | up] into one [T, 2 I] buffer and gets both weight grads from one GEMM; gemm_choice compares
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import ON_GPU
-from longvl.kernels.swiglu import SwiGLUMLP, gate_up_swiglu_gemm, swiglu, swiglu_backward, swiglu_forward
+from longvl.kernels.swiglu import SwiGLUMLP, swiglu, swiglu_backward, swiglu_forward
 
 DTYPE = torch.bfloat16
 if ON_GPU:
@@ -84,12 +83,11 @@ def _mlp(provider):
         return eager
     if provider == "torch.compile":
         return torch.compile(eager)
-    return SwiGLUMLP.from_hf_mlp(eager, recompute=provider == "ours.recompute",
-                                 fused_gemm=provider == "ours.triton_gemm")
+    return SwiGLUMLP.from_hf_mlp(eager, recompute=provider == "ours.recompute")
 
 
 # Peers first: if the GPU heats up and clocks down over the run, that handicaps us, not them.
-MLP_PROVIDERS = ["eager", "torch.compile", "liger", "ours", "ours.recompute", "ours.triton_gemm"]
+MLP_PROVIDERS = ["eager", "torch.compile", "liger", "ours", "ours.recompute"]
 MLP_SHAPE = {"tokens": TOKENS, "hidden": HIDDEN, "intermediate": INTERMEDIATE}
 
 
@@ -126,26 +124,6 @@ def test_mlp_fwd(measure, device, provider):
     measure("swiglu_mlp.fwd", provider, lambda: mlp(x), shape=MLP_SHAPE, dtype=DTYPE,
             flops=6 * TOKENS * HIDDEN * INTERMEDIATE,
             note=f"held from forward to backward (output + saved tensors): {held:.0f} MiB")
-
-
-@pytest.mark.parametrize("variant", ["cublas+elementwise", "triton_gemm_epilogue", "triton_gemm_epilogue.h_only"])
-def test_gate_up_fwd(measure, device, variant):
-    x = torch.randn(TOKENS, HIDDEN, device=device, dtype=DTYPE)
-    gate_weight = torch.randn(INTERMEDIATE, HIDDEN, device=device, dtype=DTYPE) / HIDDEN ** 0.5
-    up_weight = torch.randn_like(gate_weight) / HIDDEN ** 0.5
-    if variant == "cublas+elementwise":
-        def fn():
-            return swiglu_forward(F.linear(x, gate_weight), F.linear(x, up_weight))
-    else:
-        keep = variant == "triton_gemm_epilogue"  # what recompute=False needs saved for backward
-
-        def fn():
-            return gate_up_swiglu_gemm(x, gate_weight, up_weight, None, None, store_preactivations=keep)[0]
-    expected = F.silu(F.linear(x.float(), gate_weight.float())) * F.linear(x.float(), up_weight.float())
-    assert (fn().float() - expected).norm() / expected.norm() < 2e-2
-    measure("swiglu_mlp.gate_up_fwd", variant, fn, dtype=DTYPE, flops=4 * TOKENS * HIDDEN * INTERMEDIATE,
-            shape=MLP_SHAPE)
-
 
 
 def _mlp_operands(device):

@@ -2,9 +2,10 @@
 
 Each bench test calls `measure(op, provider, fn, shape=..., dtype=..., bytes=..., flops=...)`. The record
 holds the CUDA-event median, the achieved TB/s or TFLOP/s against the ceilings measured in the same session,
-and the peak extra memory. pytest-benchmark runs underneath (its JSON with `--benchmark-json`), with our
-CUDA-event figures in each benchmark's extra_info. On GPU the session's records land in bench/results/ (or
-$BENCH_OUT); on CPU they go nowhere unless BENCH_OUT is set, since they are not performance figures.
+the peak extra memory and, where the bench gives one, the result's error against float64 (`rel_error`).
+pytest-benchmark runs underneath (its JSON with `--benchmark-json`), with our CUDA-event figures in each
+benchmark's extra_info. On GPU the session's records land in bench/results/ (or $BENCH_OUT); on CPU they go
+nowhere unless BENCH_OUT is set, since they are not performance figures.
 """
 import dataclasses
 import os
@@ -26,7 +27,7 @@ def ceilings():
 @pytest.fixture
 def measure(benchmark, ceilings):
     def _measure(op, provider, fn, *, shape, dtype, bytes=None, flops=None, memory=True, note="",
-                 cuda_graph=False):
+                 cuda_graph=False, rel_error=None):
         timing = "cuda_events" if ON_GPU else "wall_clock"
         if ON_GPU and cuda_graph:
             try:
@@ -38,7 +39,8 @@ def measure(benchmark, ceilings):
         else:
             ms = median_ms(fn)
         rec = Record(op=op, provider=provider, shape=dict(shape), dtype=str(dtype).replace("torch.", ""),
-                     median_ms=ms, device="gpu" if ON_GPU else "cpu", timing=timing, note=note)
+                     median_ms=ms, device="gpu" if ON_GPU else "cpu", timing=timing, note=note,
+                     rel_error=rel_error)
         if bytes is not None:
             rec.metric, rec.value = "TB/s", bytes / ms / 1e9
             if ceilings:

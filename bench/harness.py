@@ -33,6 +33,7 @@ class Record:
     value: float | None = None   # achieved rate in `metric`
     fraction_of_ceiling: float | None = None
     peak_extra_mib: float | None = None
+    rel_error: dict | None = None  # e.g. {"dx": ..., "dw": ...}: relative Frobenius error against float64
     device: str = "cpu"
     timing: str = "wall_clock"   # cuda_events / cuda_graph / wall_clock (CPU)
     note: str = ""

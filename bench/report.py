@@ -71,6 +71,8 @@ def _fmt_rec(name, rec):
         text += f", {rec['value']:.2f} {rec['metric']}"
     if rec.get("peak_extra_mib") is not None:
         text += f", {rec['peak_extra_mib']:.0f} MiB"
+    for name, error in (rec.get("rel_error") or {}).items():
+        text += f", {name} error {error:.1e}"
     return text
 
 

@@ -1,16 +1,21 @@
-"""Launch-setting sweep for the RMSNorm and RoPE kernels on the GPU present: `python -m bench.tune_norm_rope`.
+"""Launch-setting sweep for the RMSNorm and RoPE kernels on the GPU present, the source of their tuned tables.
 
-Every candidate is graph-timed (CUDA-graph replay, median), checked against the default setting's result, and
-reported as a fraction of the 1 GiB copy ceiling and of a same-size SM copy measured in the same run. The
-winners are what `_FORWARD_CONFIGS` / `_BACKWARD_CONFIGS` (longvl/kernels/rms_norm.py) and `_launch_config`
-(longvl/kernels/rope.py) encode; rerun this after changing a kernel. Writes tune_norm_rope.json to $OUT (or cwd);
-TUNE=norm|rope and TUNE_NORM_SHAPES=4096x3584,... narrow the sweep. Past sweeps: bench/results/tuning/.
+What it is for: `_FORWARD_CONFIGS` / `_BACKWARD_CONFIGS` (longvl/kernels/rms_norm.py) and `_num_warps` /
+`_launch_config` (longvl/kernels/rope.py) hold launch settings picked from this sweep, and a setting tuned on one
+card can lose on another (the H100 and the H200 disagree). Rerun it after changing either kernel, and on each
+card the tables should serve; past sweeps are kept in bench/results/tuning/.
+
+How: `python -m bench.tune_norm_rope --out DIR [--only norm|rope] [--norm-shapes 4096x3584,16384x1152]` on a
+machine with a CUDA GPU. Every candidate is graph-timed (CUDA-graph replay, median), checked against the
+default setting's result, and reported as a fraction of the 1 GiB copy ceiling and of a same-size SM copy
+measured in the same run; a summary per shape is printed and everything lands in DIR/tune_norm_rope.json.
 """
+import argparse
 import functools
 import importlib
 import itertools
 import json
-import os
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -23,8 +28,7 @@ from longvl.kernels._utils import multiprocessor_count, next_power_of_2
 norm_mod = importlib.import_module("longvl.kernels.rms_norm")
 rope_mod = importlib.import_module("longvl.kernels.rope")
 DTYPE = torch.bfloat16
-NORM_SHAPES = [tuple(map(int, shape.split("x"))) for shape in
-               os.environ.get("TUNE_NORM_SHAPES", "4096x3584,16384x1152,16384x3584,16384x4608,65536x3584").split(",")]
+NORM_SHAPES = "4096x3584,16384x1152,16384x3584,16384x4608,65536x3584"
 ROPE_TOKENS = [4096, 16384, 65536]
 ROPE_HEADS, HEAD_DIM = (28, 4), 128
 
@@ -49,17 +53,17 @@ def _norm_fwd_bwd(x, w, dy):
     return run
 
 
-def tune_norm(ceiling, results):
+def tune_norm(ceiling, results, shapes):
     sms = multiprocessor_count(0)
-    for tokens, hidden in NORM_SHAPES:
+    for tokens, hidden in shapes:
         x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
         dy = torch.randn_like(x)
         w = (torch.rand(hidden, device="cuda") + 0.5).to(DTYPE)
         nbytes = {"fwd": (2 * tokens * hidden + hidden) * 2, "bwd": (3 * tokens * hidden + 2 * hidden) * 2,
                   "fwd_bwd": (5 * tokens * hidden + 3 * hidden) * 2}
         floors = {op: copy_ms(b) for op, b in nbytes.items()}
-        y_ref, _, rstd = norm_mod._forward(x, w, None, 1e-6, 0.0, False, store_rstd=True)
-        dx_ref, dw_ref = norm_mod._backward(dy, x, w, rstd, None, 0.0, False)
+        y_ref, _, rstd = norm_mod._forward(x, w, None, 1e-6, 0.0, "llama", store_rstd=True)
+        dx_ref, dw_ref = norm_mod._backward(dy, x, w, rstd, None, 0.0, "llama")
         block, tail = norm_mod._pieces(hidden)
         width = next_power_of_2(block + tail)
         entry = {"tokens": tokens, "hidden": hidden, "copy_floor_ms": floors, "default": {}, "fwd": [], "bwd": []}
@@ -69,7 +73,7 @@ def tune_norm(ceiling, results):
 
         entry["default"]["fwd"] = rate("fwd", graph_ms(lambda: norm_mod.rms_norm(x, w)))
         entry["default"]["fwd_bwd"] = rate("fwd_bwd", graph_ms(_norm_fwd_bwd(x, w, dy)))
-        entry["default"]["bwd"] = rate("bwd", graph_ms(lambda: norm_mod._backward(dy, x, w, rstd, None, 0.0, False)))
+        entry["default"]["bwd"] = rate("bwd", graph_ms(lambda: norm_mod._backward(dy, x, w, rstd, None, 0.0, "llama")))
         for rows, warps in itertools.product([1, 2, 4, 8], [1, 2, 4, 8, 16]):
             if rows * width > 16384 or warps * 32 * 4 > rows * width:
                 continue
@@ -85,9 +89,9 @@ def tune_norm(ceiling, results):
             config = functools.partial(lambda *args, c: c, c=(block, tail, rows, warps, per_sm * sms))
             with mock.patch.object(norm_mod, "_backward_config", config), \
                     mock.patch.object(norm_mod, "_atomic_dw", lambda a=atomic: a):
-                dx, dw = norm_mod._backward(dy, x, w, rstd, None, 0.0, False)
+                dx, dw = norm_mod._backward(dy, x, w, rstd, None, 0.0, "llama")
                 ok = _close(dx, dx_ref) and _close(dw, dw_ref)
-                ms = graph_ms(lambda: norm_mod._backward(dy, x, w, rstd, None, 0.0, False))
+                ms = graph_ms(lambda: norm_mod._backward(dy, x, w, rstd, None, 0.0, "llama"))
                 entry["bwd"].append({"rows": rows, "warps": warps, "per_sm": per_sm, "atomic": atomic,
                                      "ok": ok,
                                      **rate("bwd", ms)})
@@ -161,20 +165,36 @@ def tune_rope(ceiling, results):
         results["rope"].append(entry)
 
 
-def main():
+def _shapes(text):
+    try:
+        return [tuple(int(n) for n in shape.split("x", 1)) for shape in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKENSxHIDDEN[,TOKENSxHIDDEN...], got {text!r}") from None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.tune_norm_rope",
+                                     description="Sweep the RMSNorm and RoPE launch settings on this GPU.")
+    parser.add_argument("--out", type=Path, required=True, help="directory for tune_norm_rope.json (created)")
+    parser.add_argument("--only", choices=("norm", "rope"), help="sweep one kernel (default: both)")
+    parser.add_argument("--norm-shapes", type=_shapes, default=_shapes(NORM_SHAPES), metavar="TxH,...",
+                        help=f"RMSNorm shapes, tokens x hidden (default {NORM_SHAPES})")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: the sweep times kernels by CUDA-graph replay")
     ceilings = device_ceilings()
     print(ceilings)
     results = {"env": environment(), "ceilings": ceilings, "rms_norm": [], "rope": []}
-    which = os.environ.get("TUNE", "norm,rope").split(",")
-    if "rope" in which:
+    if args.only in (None, "rope"):
         tune_rope(ceilings["copy_tb_s"], results)
-    if "norm" in which:
-        tune_norm(ceilings["copy_tb_s"], results)
-    out = Path(os.environ.get("OUT", ".")) / "tune_norm_rope.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only in (None, "norm"):
+        tune_norm(ceilings["copy_tb_s"], results, args.norm_shapes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "tune_norm_rope.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

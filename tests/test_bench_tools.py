@@ -99,3 +99,20 @@ def test_report_help_and_summary_line(tmp_path, monkeypatch):
     (tmp_path / "bench").mkdir()
     report.main([])
     assert "No GPU results committed yet." in (tmp_path / "README.md").read_text()
+
+
+def test_tune_norm_rope_documents_itself_and_checks_its_arguments(tmp_path, capsys):
+    import torch
+
+    from bench import tune_norm_rope
+
+    with pytest.raises(SystemExit) as exited:
+        tune_norm_rope.main(["--help"])
+    assert exited.value.code == 0 and "--out" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        tune_norm_rope.main(["--out", str(tmp_path), "--norm-shapes", "4096by3584"])
+    assert exited.value.code == 2 and "TOKENSxHIDDEN" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exited:
+            tune_norm_rope.main(["--out", str(tmp_path / "sweep")])
+        assert exited.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err

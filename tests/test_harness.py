@@ -1,10 +1,14 @@
-"""The test harness itself: distributed spawning (results, errors, timeouts) and the interpreter switch."""
+"""The test harness itself: distributed spawning (results, errors, timeouts), the interpreter switch and the
+interpreter's fixes (bf16 rounding, libdevice tanh)."""
 import os
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
 
 from longvl import kernels
 from tests.distributed import run_distributed
@@ -73,3 +77,31 @@ def test_interpreter_is_on_exactly_when_there_is_no_gpu():
     if "TRITON_INTERPRET" in os.environ and torch.cuda.is_available():
         pytest.skip("TRITON_INTERPRET set explicitly")
     assert kernels.INTERPRETED == (not torch.cuda.is_available())
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n), mask=offsets < n)
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offsets, libdevice.tanh(tl.load(x_ptr + offsets, mask=offsets < n)), mask=offsets < n)
+
+
+def test_kernels_round_to_bf16_and_take_tanh_as_on_the_gpu(device):
+    """fp32 -> bf16 stores round to nearest even (the interpreter alone would truncate), bitwise as torch's
+    conversion, specials included; libdevice's tanh runs (the interpreter alone returns None) within 2 ulp."""
+    x = torch.cat([torch.randn(4000, device=device) * 10, torch.tensor(
+        [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 3.4e38, 1e-40, -1e-40], device=device)])
+    y = torch.empty_like(x, dtype=torch.bfloat16)
+    _copy_kernel[(1,)](x, y, x.numel(), BLOCK=4096)
+    want = x.bfloat16()
+    assert (torch.equal(y.view(torch.int16)[~x.isnan()], want.view(torch.int16)[~x.isnan()])
+            and y[x.isnan()].isnan().all())
+    t = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, t, x.numel(), BLOCK=4096)
+    finite = ~x.isnan()
+    torch.testing.assert_close(t[finite].double(), torch.tanh(x[finite].double()), atol=0, rtol=2 * 2**-23)

@@ -1,6 +1,7 @@
 """RoPE against a float64 reference: q and k outputs and gradients, both layouts, GQA and a single KV head,
-partial rotary dims, HF cos/sin or in-kernel angles from position_ids (restarting, arbitrary, large), NaN
-propagation and bad input. CPU sizes are small (interpreter); on a GPU the same tests run at real sizes."""
+partial rotary dims, head dims that are not a power of two (odd ones included), HF cos/sin or in-kernel angles
+from position_ids (restarting, arbitrary, large), NaN propagation and bad input. CPU sizes are small
+(interpreter); on a GPU the same tests run at real sizes."""
 import pytest
 import torch
 
@@ -83,6 +84,56 @@ def test_matches_float64_reference(device, dtype, layout, heads, rotary_dim, sou
     _check(q, k, q_rot, k_rot, cos, sin, layout, rotary_dim, dtype)
 
 
+def _hf_tables(positions, head_dim):
+    """cos/sin as HF's rotary embedding builds them for any head dim: fp32 angles pos * theta^(-2i / D) for
+    i < ceil(D / 2), the two halves equal (width D + 1 for an odd D), in float64."""
+    inv_freq = 1.0 / (THETA ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = (positions[..., None].float().cpu() * inv_freq).double()
+    emb = torch.cat((angles, angles), -1)
+    return emb.cos().to(positions.device), emb.sin().to(positions.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, source", [(92, "rotary_table"), (92, "positions"), (72, "positions")] + [
+    (odd, source) for odd in (41, 15) for source in ("hf_table", "rotary_table", "positions")])
+def test_head_dims_that_are_not_a_power_of_two(device, dtype, head_dim, source):
+    """Masked lanes past the half (92 -> 46 of 64) and odd head dims, with uneven head counts: an odd D rotates
+    its first D - 1 features with the first (D - 1) / 2 angles of HF's table for D, as Liger-Kernel does (its
+    test shape 9 x 7 tokens, 41 heads of 41), and passes the last feature through."""
+    batch, seq, heads = (9, 7, (41, 41)) if head_dim == 41 else (2, _seq_len(device), (73, 13))
+    if device.type == "cpu" and head_dim == 41:
+        batch, heads = 2, (5, 3)
+    rotary_dim = head_dim - head_dim % 2
+    q, k = _make_qk(batch, seq, *heads, head_dim, "bhsd", dtype, device)
+    positions = torch.randint(0, 4 * seq, (batch, seq), device=device)
+    hf_cos, hf_sin = _hf_tables(positions, head_dim)
+    half = rotary_dim // 2
+    cos, sin = (torch.cat((t[..., :half], t[..., :half]), -1) for t in (hf_cos, hf_sin))  # the angles used
+    if source == "positions":
+        q_rot, k_rot = apply_rope(q, k, position_ids=positions, theta=THETA)
+    else:
+        tables = (hf_cos, hf_sin) if source == "hf_table" else (cos, sin)
+        q_rot, k_rot = apply_rope(q, k, *(t.float() for t in tables))
+    _check(q, k, q_rot, k_rot, cos, sin, "bhsd", rotary_dim, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [72, 92, 41])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_head_dims_that_are_not_a_power_of_two_at_16k_tokens_on_gpu(head_dim, layout):
+    """16K tokens of Qwen2.5-7B's 28 / 4 heads in bf16 with head dims that pad (72, 92) or are odd (41)."""
+    seq = 16384
+    rotary_dim = head_dim - head_dim % 2
+    q, k = _make_qk(1, seq, 28, 4, head_dim, layout, torch.bfloat16, "cuda")
+    positions = torch.arange(seq, device="cuda")[None]
+    hf_cos, hf_sin = _hf_tables(positions, head_dim)
+    half = rotary_dim // 2
+    cos, sin = (torch.cat((t[..., :half], t[..., :half]), -1) for t in (hf_cos, hf_sin))
+    for q_rot, k_rot in (apply_rope(q, k, position_ids=positions, theta=THETA, layout=layout),
+                         apply_rope(q, k, hf_cos.float(), hf_sin.float(), layout=layout)):
+        _check(q, k, q_rot, k_rot, cos, sin, layout, rotary_dim, torch.bfloat16)
+
+
 def test_packed_documents_and_arbitrary_positions(device):
     """Positions restarting per packed document, a zigzag-like shuffle, and large positions (long context)."""
     seq, head_dim = _seq_len(device), 64
@@ -143,8 +194,10 @@ def test_bad_input_raises_clear_errors(device):
     k = torch.randn(1, 2, 5, 16, device=device)
     cos = torch.randn(1, 5, 16, device=device)
     positions = torch.arange(5, device=device)[None]
-    with pytest.raises(ValueError, match="head_dim must be even"):
-        apply_rope(q[..., :15], k[..., :15], position_ids=positions, theta=THETA)
+    with pytest.raises(ValueError, match=r"rotary_dim must be even and in \(0, head_dim=1\], got 0"):
+        apply_rope(q[..., :1], k[..., :1], position_ids=positions, theta=THETA)
+    with pytest.raises(ValueError, match=r"expected \(1 or 1, 5, 14 or 16\)"):
+        apply_rope(q[..., :15], k[..., :15], cos[..., :15], cos[..., :15])
     with pytest.raises(ValueError, match="must agree on batch, sequence and head_dim"):
         apply_rope(q, k[:, :, :4], position_ids=positions, theta=THETA)
     with pytest.raises(TypeError, match="q has dtype torch.float64"):

@@ -16,6 +16,8 @@ def enable_interpreter_without_gpu() -> bool:
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpreted:
         fix_interpreter_scalar_index()
+        interpret_libdevice_tanh()
+        round_bf16_to_nearest()
     return interpreted
 
 
@@ -37,3 +39,50 @@ def fix_interpreter_scalar_index():
 
     patch_tensor_with_scalar_index.fixes_scalar_index = True
     interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
+
+
+def interpret_libdevice_tanh():
+    """Let interpreted kernels call `triton.language.extra.libdevice.tanh` (the GPU math library's tanh).
+
+    Triton 3.6-3.9 interpret only triton.language's own math; the libdevice functions are stubs there and return
+    None. NumPy's tanh stands in: correctly rounded in fp32, like libdevice's to within its 2 ulp.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.language.extra import libdevice
+    from triton.runtime.interpreter import TensorHandle
+
+    if getattr(libdevice.tanh, "interpreted", False):
+        return
+
+    def tanh(arg0, _semantic=None):
+        return tl.tensor(TensorHandle(np.tanh(arg0.handle.data), arg0.handle.dtype.scalar), arg0.type)
+
+    tanh.interpreted = True
+    libdevice.tanh = tanh
+
+
+def round_bf16_to_nearest():
+    """Make the interpreter round fp32 -> bf16 casts to nearest even, as the GPU's conversion does.
+
+    Triton 3.6-3.9's interpreter truncates them (it drops the low 16 bits), which biases every bf16 result
+    computed on CPU towards zero by up to one bf16 ulp and hides the accuracy a kernel has on the GPU.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+    if getattr(cast, "rounds_bf16", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = src.data.astype(np.float32, copy=False).view(np.uint32)
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)
+        return interpreter.TensorHandle(np.where(np.isnan(src.data), quiet_nan, rounded), tl.bfloat16)
+
+    cast_impl.rounds_bf16 = True
+    interpreter.InterpreterBuilder.cast_impl = cast_impl

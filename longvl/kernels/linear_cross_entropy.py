@@ -15,6 +15,11 @@ picked by `dw_accumulation`:
   gradient in the weight's dtype (fp32 inside the GEMM, one rounding per chunk), with 2048-token chunks: no fp32
   dW buffer, 1.6 GiB less at Qwen2.5-7B's head, 3-8 % slower than "fp32" in our H200 runs. The rounding per
   chunk is the accuracy given up; use it where the head's memory decides the batch.
+  With chunk_size <= _LOGIT_ROWS (512) the gradients are written over the fp32 logits themselves, so no chunk
+  buffer exists beside the logit block: "weight_dtype" with chunk_size=512 holds dW and dx in the weight's
+  dtype plus one 512 x V fp32 block (297 MiB at V = 152064), for a dW rounded once per 512 tokens. Measured on
+  CPU (bf16, 8192 tokens, H = 128, V = 2048), the dW relative error against float64 is 4.9e-3 there, 3.0e-3
+  with 2048-token chunks and 2.4e-3 for "fp32"; dx is 2.9e-3 in every strategy.
 * "per_vocab_chunk" (least memory): chunks of the vocabulary with all tokens. The forward pass keeps only the
   log-sum-exp; the backward pass recomputes each logit chunk and finishes that chunk's slice of dW in one
   GEMM over all tokens (fp32 accumulation inside cuBLAS, no dW buffer); dx is summed in fp32. 4 GEMMs: on an
@@ -25,13 +30,10 @@ By default dW is accumulated in fp32 (bf16 accumulation across chunks is a known
 gradient is exact (no filtering of small probabilities), and nothing synchronises with the host, so forward
 and backward can be captured in a CUDA graph.
 
-Logit transform: z = softcap * tanh((x W^T + b) / (temperature * softcap)), or (x W^T + b) / temperature
-without softcap. Per-token loss (0 for ignored tokens):
-    loss_t = (1 - label_smoothing) * (lse_t - z_{t,y_t}) + label_smoothing * (lse_t - mean_v z_{t,v})
-             + z_loss * lse_t ** 2
-Reductions, with per-token weights w_t (1 when not given) and n = number of non-ignored tokens:
-    "sum": sum_t w_t loss_t;  "mean": sum_t w_t loss_t / max(n, 1);  "none": w_t loss_t per token.
-An all-ignored batch gives loss 0 and zero gradients.
+The loss, its options (class weights, label smoothing, z-loss, softcap, temperature, reductions) and the token
+accuracy are those of the row kernels it shares with `cross_entropy` (longvl/kernels/cross_entropy.py, whose
+docstring has the formulas), with per-token weights w_t on top: "none" gives w_t * (ce_t + zl_t), "sum" their sum,
+"mean" sum_t w_t ce_t / D + sum_t w_t zl_t / n. An all-ignored batch gives loss 0 and zero gradients.
 """
 import dataclasses
 import functools
@@ -40,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-_ROW_BLOCK = 4096  # logits per step of the gradient kernel (one program per row)
-_STATS_BLOCK = 1024  # logits per step of the statistics kernel: a max and a sum across lanes per step
+from longvl.kernels.cross_entropy import (LossOptions, RowStatistics, Targets, check_class_weight,
+                                          check_loss_options, check_targets, reduce_loss, write_logit_grad)
+
 _DEFAULT_TOKEN_CHUNK = {"fp32": 4096, "weight_dtype": 2048}  # tokens per chunk of the token-chunk strategies
 _TOKEN_CHUNK_STRATEGIES = ("fp32", "weight_dtype")
 _LOGIT_ROWS = 512  # tokens whose fp32 logits exist at once in the token-chunk strategies
@@ -52,98 +55,8 @@ _NARROW_BLOCK = 4096
 _FALLBACK_ROWS = 16384
 
 
-@triton.jit
-def _as_fp32(scalar):
-    """Float arguments arrive as fp64 when torch.compile launches the kernel; keep the math in fp32."""
-    return tl.cast(scalar, tl.float32)
-
-
-@triton.jit
-def _transform_logits(raw, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Temperature, then optional tanh softcap; tanh(u) = 2 sigmoid(2u) - 1 stays finite for any u."""
-    z = raw * inv_temperature
-    if HAS_SOFTCAP:
-        z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * z / softcap)) - 1.0)
-    return z
-
-
-@triton.jit
-def _logit_stats_kernel(
-    logits_ptr, logits_row_stride, target_ptr, max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr,
-    first_col, n_cols, inv_temperature, softcap,
-    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Fold one chunk of a row's logits into its running max, sum of exp, target logit and logit sum.
-
-    Online log-sum-exp by blocks: one exp per logit against the block's running max (a per-lane running max
-    needs two, which made this pass compute-bound at half the copy bandwidth on the H200).
-    """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * logits_row_stride
-    target = tl.load(target_ptr + row) - first_col
-    inv_temperature, softcap = _as_fp32(inv_temperature), _as_fp32(softcap)
-    chunk_max = tl.load(max_ptr + row)
-    chunk_sumexp = tl.load(sumexp_ptr + row)
-    lane_sum = tl.zeros((BLOCK,), tl.float32)
-    lane_target = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_row = cols < n_cols
-        z = _transform_logits(tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32),
-                              inv_temperature, softcap, HAS_SOFTCAP)
-        z_or_floor = tl.where(in_row, z, float("-inf"))
-        new_max = tl.maximum(chunk_max, tl.max(z_or_floor, axis=0))
-        pivot = tl.where(new_max == float("-inf"), 0.0, new_max)  # logits of -inf (masked tokens) stay NaN-free
-        chunk_sumexp = chunk_sumexp * tl.exp(chunk_max - pivot) + tl.sum(tl.exp(z_or_floor - pivot), axis=0)
-        chunk_max = new_max
-        lane_sum += tl.where(in_row, z, 0.0)
-        lane_target += tl.where(cols == target, z, 0.0)
-    tl.store(max_ptr + row, chunk_max)
-    tl.store(sumexp_ptr + row, chunk_sumexp)
-    tl.store(target_logit_ptr + row, tl.load(target_logit_ptr + row) + tl.sum(lane_target, axis=0))
-    tl.store(logit_sum_ptr + row, tl.load(logit_sum_ptr + row) + tl.sum(lane_sum, axis=0))
-
-
-@triton.jit
-def _logit_grad_kernel(
-    logits_ptr, logits_row_stride, grad_ptr, grad_row_stride, target_ptr, lse_ptr, row_scale_ptr,
-    first_col, n_cols, vocab, inv_temperature, softcap, label_smoothing, z_loss,
-    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """d loss / d raw logit for one chunk of a row, scaled by the row's factor, written over the logits.
-
-    The gradient row may alias the first half of the fp32 logit row (narrower dtype): every block is loaded
-    before it is stored, and stores only reach addresses already read, so the overwrite is safe.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * logits_row_stride
-    out_ptr = grad_ptr + row * grad_row_stride
-    target = tl.load(target_ptr + row) - first_col
-    inv_temperature, softcap = _as_fp32(inv_temperature), _as_fp32(softcap)
-    label_smoothing, z_loss = _as_fp32(label_smoothing), _as_fp32(z_loss)
-    lse = tl.load(lse_ptr + row)
-    scale = tl.load(row_scale_ptr + row) * inv_temperature
-    prob_factor = 1.0 + 2.0 * z_loss * lse
-    smooth = label_smoothing / vocab
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_row = cols < n_cols
-        z = _transform_logits(tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32),
-                              inv_temperature, softcap, HAS_SOFTCAP)
-        grad = tl.exp(z - lse) * prob_factor - smooth - tl.where(cols == target, 1.0 - label_smoothing, 0.0)
-        if HAS_SOFTCAP:
-            grad = grad * (1.0 - (z / softcap) * (z / softcap))
-        tl.store(out_ptr + cols, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_row)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Options:
-    ignore_index: int
-    reduction: str
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    temperature: float
+class _Options(LossOptions):
     dw_accumulation: str
     chunk_size: int | None
 
@@ -196,10 +109,6 @@ def _matmul_rounded_once(out, a, b):
     out.copy_(result)
 
 
-def _row_block(limit, n_cols):
-    return min(limit, triton.next_power_of_2(n_cols))
-
-
 def _grad_view(logits, dtype):
     """The gradient chunk, in `dtype`, laid over the first half (or all) of each fp32 logit row."""
     if dtype == torch.float32:
@@ -207,58 +116,27 @@ def _grad_view(logits, dtype):
     return logits.view(dtype)[:, : logits.shape[1]]
 
 
-class _RowState:
-    """Per-token running statistics of the logits (fp32), folded chunk by chunk."""
+def _token_chunk_pass(x, weight, bias, targets, opts, want_grad, track_argmax=False):
+    """Chunks of tokens x the whole vocabulary: the statistics and, when `want_grad`, every gradient (scaled by
+    `targets`' row factors).
 
-    def __init__(self, n_rows, device):
-        self.max = torch.full((n_rows,), float("-inf"), device=device)
-        self.sumexp = torch.zeros(n_rows, device=device)
-        self.target_logit = torch.zeros(n_rows, device=device)
-        self.logit_sum = torch.zeros(n_rows, device=device)
-
-    def fold(self, logits, rows, target, first_col, opts):
-        _logit_stats_kernel[(logits.shape[0],)](
-            logits, logits.stride(0), target[rows], self.max[rows], self.sumexp[rows],
-            self.target_logit[rows], self.logit_sum[rows], first_col, logits.shape[1],
-            1.0 / opts.temperature, opts.softcap or 1.0,
-            HAS_SOFTCAP=opts.softcap is not None, BLOCK=_row_block(_STATS_BLOCK, logits.shape[1]), num_warps=4)
-
-    def lse(self, start=0, stop=None):
-        return self.max[start:stop] + self.sumexp[start:stop].log()
-
-    def token_loss(self, valid, vocab, opts):
-        lse = self.lse()
-        eps = opts.label_smoothing
-        loss = lse - (1.0 - eps) * self.target_logit + opts.z_loss * lse * lse
-        if eps:  # skipped otherwise: logits of -inf (masked entries) make the sum -inf, and 0 * -inf is NaN
-            loss = loss - (eps / vocab) * self.logit_sum
-        return lse, torch.where(valid, loss, 0.0)
-
-
-def _write_grad(logits, grad, target, lse, row_scale, first_col, vocab, opts):
-    """d loss / d logits into `grad` (same shape; may be `_grad_view(logits, ...)`)."""
-    _logit_grad_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), grad, grad.stride(0), target, lse, row_scale, first_col, logits.shape[1],
-        vocab, 1.0 / opts.temperature, opts.softcap or 1.0, opts.label_smoothing, opts.z_loss,
-        HAS_SOFTCAP=opts.softcap is not None, BLOCK=_row_block(_ROW_BLOCK, logits.shape[1]), num_warps=8)
-    return grad
-
-
-def _token_chunk_pass(x, weight, bias, target, row_scale, opts):
-    """Chunks of tokens x the whole vocabulary: the statistics and, when `row_scale` is given, every gradient.
-
-    Returns (state, dx, dW, db in fp32); dW is fp32 unless "weight_dtype" asks for the weight's dtype; the
-    gradients are None without `row_scale`.
+    Returns (statistics, dx, dW, db in fp32); dW is fp32 unless "weight_dtype" asks for the weight's dtype; the
+    gradients are None without `want_grad`.
     """
     n_tokens, vocab = x.shape[0], weight.shape[0]
-    want_grad = row_scale is not None
     chunk = (opts.chunk_size or _DEFAULT_TOKEN_CHUNK[opts.dw_accumulation]) if want_grad else _LOGIT_ROWS
     chunk = max(1, min(n_tokens, chunk))
     logit_rows = max(1, min(chunk, n_tokens, _LOGIT_ROWS))
-    state = _RowState(n_tokens, x.device)
-    # fp32 inputs: each gradient row is written over its own logits, so the chunk buffer is the scratch too.
-    grads = torch.empty(chunk, vocab, device=x.device, dtype=x.dtype) if want_grad else None
-    scratch = None if want_grad and x.dtype == torch.float32 else torch.empty(logit_rows, vocab, device=x.device)
+    stats = RowStatistics(n_tokens, x.device, track_argmax)
+    # Each gradient row is written over its own logits when the whole chunk's logits fit the scratch (or are fp32):
+    # the fp32 logit buffer is then the gradient buffer too (bf16 gradients in the first half of each row).
+    in_place = want_grad and (x.dtype == torch.float32 or chunk <= logit_rows)
+    if in_place:
+        scratch = torch.empty(chunk, vocab, device=x.device)
+        grads = _grad_view(scratch, x.dtype)
+    else:
+        scratch = torch.empty(logit_rows, vocab, device=x.device)
+        grads = torch.empty(chunk, vocab, device=x.device, dtype=x.dtype) if want_grad else None
     dx = torch.empty_like(x) if want_grad else None
     in_weight_dtype = opts.dw_accumulation == "weight_dtype"
     dw_dtype = weight.dtype if in_weight_dtype else torch.float32
@@ -271,12 +149,12 @@ def _token_chunk_pass(x, weight, bias, target, row_scale, opts):
         for first in range(rows.start, rows.stop, logit_rows):
             part = slice(first, min(first + logit_rows, rows.stop))
             in_chunk = slice(part.start - start, part.stop - start)
-            logits = grads[in_chunk] if scratch is None else scratch[: part.stop - part.start]
+            logits = scratch[in_chunk] if in_place else scratch[: part.stop - part.start]
             _logits_fp32(logits, x[part], weight, bias)
-            state.fold(logits, part, target, 0, opts)
+            stats.fold(logits, part, targets, 0, opts)
             if want_grad:
-                _write_grad(logits, grads[in_chunk], target[part], state.lse(part.start, part.stop),
-                            row_scale[part], 0, vocab, opts)
+                write_logit_grad(logits, grads[in_chunk], targets.rows(part), stats.lse(part.start, part.stop), 0,
+                                 vocab, opts)
         if want_grad:
             grad = grads[: rows.stop - start]
             _matmul_rounded_once(dx[rows], grad, weight)
@@ -286,7 +164,7 @@ def _token_chunk_pass(x, weight, bias, target, row_scale, opts):
                 _accumulate_fp32(dw, grad.t(), x[rows], overwrite=start == 0)
             if db is not None:
                 db += grad.sum(0, dtype=torch.float32)
-    return state, dx, dw, db
+    return stats, dx, dw, db
 
 
 def _vocab_chunk_width(n_tokens, vocab, opts):
@@ -298,21 +176,21 @@ def _vocab_chunk_width(n_tokens, vocab, opts):
     return min(vocab, 1 << (fit.bit_length() - 1))
 
 
-def _vocab_chunk_stats(x, weight, bias, target, opts):
-    """Chunks of the vocabulary x all tokens: the per-token statistics only."""
+def _vocab_chunk_stats(x, weight, bias, targets, opts, track_argmax=False):
+    """Chunks of the vocabulary x all tokens (in column order): the per-token statistics only."""
     n_tokens, vocab = x.shape[0], weight.shape[0]
     width = _vocab_chunk_width(n_tokens, vocab, opts)
-    state = _RowState(n_tokens, x.device)
+    stats = RowStatistics(n_tokens, x.device, track_argmax)
     buffer = torch.empty(n_tokens * width, device=x.device)
     for first in range(0, vocab, width):
         cols = slice(first, min(first + width, vocab))
         logits = buffer[: n_tokens * (cols.stop - first)].view(n_tokens, cols.stop - first)
         _logits_fp32(logits, x, weight[cols], None if bias is None else bias[cols])
-        state.fold(logits, slice(None), target, first, opts)
-    return state
+        stats.fold(logits, slice(None), targets, first, opts)
+    return stats
 
 
-def _vocab_chunk_grads(x, weight, bias, target, lse, row_scale, opts):
+def _vocab_chunk_grads(x, weight, bias, targets, lse, opts):
     """Recompute each vocabulary chunk's logits; finish its slice of dW (and db) in one GEMM over all tokens."""
     n_tokens, vocab = x.shape[0], weight.shape[0]
     width = _vocab_chunk_width(n_tokens, vocab, opts)
@@ -324,7 +202,7 @@ def _vocab_chunk_grads(x, weight, bias, target, lse, row_scale, opts):
         cols = slice(first, min(first + width, vocab))
         logits = buffer[: n_tokens * (cols.stop - first)].view(n_tokens, cols.stop - first)
         _logits_fp32(logits, x, weight[cols], None if bias is None else bias[cols])
-        grad = _write_grad(logits, _grad_view(logits, x.dtype), target, lse, row_scale, first, vocab, opts)
+        grad = write_logit_grad(logits, _grad_view(logits, x.dtype), targets, lse, first, vocab, opts)
         _matmul_rounded_once(dw[cols], grad.t(), x)
         _accumulate_fp32(dx, grad, weight[cols], overwrite=first == 0)
         if db is not None:
@@ -367,121 +245,110 @@ def _scale_into_own_storage(acc, scale, dtype):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd for the fused op on flattened inputs: x (N, H), weight (V, H), target (N,), token_weight (N,)."""
+    """Autograd for the fused op on flattened inputs: x (N, H), weight (V, H), target (N,), token_weight (N,),
+    class_weight (V,)."""
 
     @staticmethod
-    def forward(ctx, x, weight, target, bias, token_weight, opts):
-        valid = target != opts.ignore_index
-        row_weight = valid.float() if token_weight is None else torch.where(valid, token_weight.float(), 0.0)
-        if opts.reduction == "mean":
-            row_weight = row_weight / valid.sum().clamp(min=1)
+    def forward(ctx, x, weight, target, bias, token_weight, class_weight, opts, track_argmax):
+        targets = Targets.build(target, opts, token_weight, class_weight)
         needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 3))
         token_chunks = opts.dw_accumulation in _TOKEN_CHUNK_STRATEGIES
         grads_now = needs_grad and token_chunks and opts.reduction != "none"
         if token_chunks:
-            state, dx, dw, db = _token_chunk_pass(x, weight, bias, target, row_weight if grads_now else None, opts)
+            stats, dx, dw, db = _token_chunk_pass(x, weight, bias, targets, opts, grads_now, track_argmax)
         else:
-            state, dx, dw, db = _vocab_chunk_stats(x, weight, bias, target, opts), None, None, None
-        lse, token_loss = state.token_loss(valid, weight.shape[0], opts)
-        weighted = token_loss.clone() if token_weight is None else token_loss * token_weight.float()
-        loss = weighted if opts.reduction == "none" else weighted.sum() / (
-            valid.sum().clamp(min=1) if opts.reduction == "mean" else 1)
+            stats, dx, dw, db = _vocab_chunk_stats(x, weight, bias, targets, opts, track_argmax), None, None, None
+        lse, ce, zl = stats.token_terms(targets, weight.shape[0], opts)
+        loss, token_loss = reduce_loss(ce, zl, targets, opts.reduction)
+        accuracy = stats.token_accuracy(targets) if track_argmax else torch.zeros((), device=x.device)
         ctx.opts, ctx.grads_now, ctx.used = opts, grads_now, False
-        ctx.save_for_backward(x, weight, target, bias, row_weight, lse, dx, dw, db)
-        ctx.mark_non_differentiable(token_loss, lse)
-        return loss, token_loss, lse
+        ctx.save_for_backward(x, weight, bias, lse, dx, dw, db, *targets.saved())
+        ctx.mark_non_differentiable(token_loss, lse, accuracy)
+        return loss, token_loss, lse, accuracy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_token_loss, _grad_lse):
+    def backward(ctx, grad_loss, _grad_token_loss, _grad_lse, _grad_accuracy):
         if ctx.used:
             raise RuntimeError("linear_cross_entropy: backward ran twice; its gradients are consumed in place")
         ctx.used = True
-        x, weight, target, bias, row_weight, lse, dx, dw, db = ctx.saved_tensors
+        x, weight, bias, lse, dx, dw, db, *saved = ctx.saved_tensors
         opts = ctx.opts
         if ctx.grads_now:
             scale = grad_loss.float()
             dx = dx.mul_(scale.to(dx.dtype))
         else:
-            row_scale = row_weight * grad_loss.float()
+            targets = Targets.from_saved(saved).scaled(grad_loss)
             if opts.dw_accumulation in _TOKEN_CHUNK_STRATEGIES:
-                _, dx, dw, db = _token_chunk_pass(x, weight, bias, target, row_scale, opts)
-                scale = None  # row_scale already holds grad_loss
+                _, dx, dw, db = _token_chunk_pass(x, weight, bias, targets, opts, want_grad=True)
+                scale = None  # the row factors already hold grad_loss
             else:
-                dx, dw, db = _vocab_chunk_grads(x, weight, bias, target, lse, row_scale, opts)
+                dx, dw, db = _vocab_chunk_grads(x, weight, bias, targets, lse, opts)
         if opts.dw_accumulation in _TOKEN_CHUNK_STRATEGIES:
             dw = _scale_into_own_storage(dw, scale, weight.dtype)
             db = None if db is None else (db if scale is None else db * scale).to(bias.dtype)
-        return dx, dw, None, db, None, None
+        return dx, dw, None, db, None, None, None, None
 
 
-def _check_inputs(x, weight, target, bias, weights, reduction, label_smoothing, z_loss, softcap, temperature,
-                  dw_accumulation, chunk_size):
+def _check_inputs(x, weight, target, bias, weights, class_weight, reduction, label_smoothing, z_loss, softcap,
+                  temperature, dw_accumulation, chunk_size):
+    op = "linear_cross_entropy"
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: x (..., H) and weight (V, H) must agree on H, got x "
-                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+        raise ValueError(f"{op}: x (..., H) and weight (V, H) must agree on H, got x {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)}")
     if target.shape != x.shape[:-1]:
-        raise ValueError(f"linear_cross_entropy: target must have shape {tuple(x.shape[:-1])} (x without its "
-                         f"last dim), got {tuple(target.shape)}")
+        raise ValueError(f"{op}: target must have shape {tuple(x.shape[:-1])} (x without its last dim), got "
+                         f"{tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"linear_cross_entropy: target must be int64 (or int32), got {target.dtype}")
+        raise TypeError(f"{op}: target must be int64 (or int32), got {target.dtype}")
     if not x.dtype.is_floating_point or x.dtype != weight.dtype:
-        raise TypeError(f"linear_cross_entropy: x and weight must share one floating dtype, got {x.dtype} and "
-                        f"{weight.dtype}")
+        raise TypeError(f"{op}: x and weight must share one floating dtype, got {x.dtype} and {weight.dtype}")
     if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
-        raise ValueError(f"linear_cross_entropy: bias must be ({weight.shape[0]},) {weight.dtype}, got "
-                         f"{tuple(bias.shape)} {bias.dtype}")
+        raise ValueError(f"{op}: bias must be ({weight.shape[0]},) {weight.dtype}, got {tuple(bias.shape)} "
+                         f"{bias.dtype}")
     if weights is not None and (weights.shape != target.shape or not weights.dtype.is_floating_point):
-        raise ValueError(f"linear_cross_entropy: weights must be floating with shape {tuple(target.shape)}, "
-                         f"got {tuple(weights.shape)} {weights.dtype}")
+        raise ValueError(f"{op}: weights must be floating with shape {tuple(target.shape)}, got "
+                         f"{tuple(weights.shape)} {weights.dtype}")
     tensors = [t for t in (x, weight, target, bias, weights) if t is not None]
     if any(t.device != x.device for t in tensors):
-        raise ValueError(f"linear_cross_entropy: all tensors must be on one device, got "
-                         f"{[str(t.device) for t in tensors]}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"linear_cross_entropy: z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and softcap <= 0.0:
-        raise ValueError(f"linear_cross_entropy: softcap must be positive or None, got {softcap}")
-    if temperature <= 0.0:
-        raise ValueError(f"linear_cross_entropy: temperature must be positive, got {temperature}")
+        raise ValueError(f"{op}: all tensors must be on one device, got {[str(t.device) for t in tensors]}")
+    check_class_weight(op, class_weight, weight.shape[0], x.device)
+    check_loss_options(op, reduction, label_smoothing, z_loss, softcap, temperature)
     if dw_accumulation not in (*_TOKEN_CHUNK_STRATEGIES, "per_vocab_chunk"):
-        raise ValueError(f"linear_cross_entropy: dw_accumulation must be 'fp32', 'weight_dtype' or "
-                         f"'per_vocab_chunk', got {dw_accumulation!r}")
+        raise ValueError(f"{op}: dw_accumulation must be 'fp32', 'weight_dtype' or 'per_vocab_chunk', got "
+                         f"{dw_accumulation!r}")
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size}")
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size}")
 
 
 def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, reduction="mean", weights=None,
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0, return_lse=False,
-                         return_per_token=False, dw_accumulation="fp32", chunk_size=None):
+                         class_weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0,
+                         return_lse=False, return_per_token=False, return_token_accuracy=False,
+                         dw_accumulation="fp32", chunk_size=None):
     """Cross-entropy of the logits x @ weight^T (+ bias) against `target`, never materialising the logits.
 
     x (..., H); weight (V, H), may be the tied input embedding; target (...) int64; `weights` (...) float
-    per-token weights. Returns the loss, or (loss, per_token_loss, lse) keeping only the requested extras in
-    that order: per_token_loss (...) fp32 unweighted, 0 where ignored; lse (...) fp32 of the transformed
-    logits. The extras carry no gradient (use reduction="none" to differentiate per-token losses).
+    per-token weights; `class_weight` (V,) float per-class weights with the semantics of torch's
+    cross_entropy(weight=...) (formulas in longvl/kernels/cross_entropy.py). Returns the loss, or (loss,
+    per_token_loss, lse, token_accuracy) keeping only the requested extras in that order: per_token_loss (...)
+    fp32 without the token weights, 0 where ignored; lse (...) fp32 of the transformed logits; token_accuracy a
+    0-d fp32 tensor, the fraction of non-ignored tokens whose argmax (first of tied columns) is the target. The
+    extras carry no gradient (use reduction="none" to differentiate per-token losses).
     `dw_accumulation` picks the memory / speed / accuracy trade-off (module docstring); `chunk_size` is tokens
     per chunk for "fp32" (default 4096: on an H200, 2048 takes 2.6 % longer at 16K tokens for 622 MiB less
     memory) and "weight_dtype" (default 2048), vocabulary rows per chunk for "per_vocab_chunk" (default: a power
     of two keeping the fp32 logit chunk within 128 MiB, at least 1024).
     """
-    _check_inputs(x, weight, target, bias, weights, reduction, label_smoothing, z_loss, softcap, temperature,
-                  dw_accumulation, chunk_size)
-    flat_target = target.reshape(-1).long()
-    valid = flat_target != ignore_index
-    torch._assert_async(((flat_target >= 0) & (flat_target < weight.shape[0]) | ~valid).all(),
-                        "linear_cross_entropy: a target is outside [0, vocab) and is not ignore_index")
-    opts = _Options(ignore_index, reduction, float(label_smoothing), float(z_loss),
+    _check_inputs(x, weight, target, bias, weights, class_weight, reduction, label_smoothing, z_loss, softcap,
+                  temperature, dw_accumulation, chunk_size)
+    opts = _Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss),
                     None if softcap is None else float(softcap), float(temperature), dw_accumulation, chunk_size)
-    loss, token_loss, lse = LinearCrossEntropyFunction.apply(
-        x.reshape(-1, x.shape[-1]), weight, flat_target, bias,
-        None if weights is None else weights.reshape(-1), opts)
+    loss, token_loss, lse, accuracy = LinearCrossEntropyFunction.apply(
+        x.reshape(-1, x.shape[-1]), weight, check_targets("linear_cross_entropy", target, weight.shape[0], opts),
+        bias, None if weights is None else weights.reshape(-1), class_weight, opts, bool(return_token_accuracy))
     if reduction == "none":
         loss = loss.view(target.shape)
-    extras = [t.view(target.shape) for t, wanted in ((token_loss, return_per_token), (lse, return_lse)) if wanted]
+    extras = [t for t, wanted in ((token_loss.view(target.shape), return_per_token),
+                                  (lse.view(target.shape), return_lse), (accuracy, return_token_accuracy)) if wanted]
     return (loss, *extras) if extras else loss
 
 
@@ -489,16 +356,17 @@ class LinearCrossEntropy(torch.nn.Module):
     """nn.Module form of `linear_cross_entropy`: options fixed at construction, tensors per call."""
 
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
-                 temperature=1.0, return_lse=False, return_per_token=False, dw_accumulation="fp32",
-                 chunk_size=None):
+                 temperature=1.0, return_lse=False, return_per_token=False, return_token_accuracy=False,
+                 dw_accumulation="fp32", chunk_size=None):
         super().__init__()
         self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                             z_loss=z_loss, softcap=softcap, temperature=temperature, return_lse=return_lse,
-                            return_per_token=return_per_token, dw_accumulation=dw_accumulation,
-                            chunk_size=chunk_size)
+                            return_per_token=return_per_token, return_token_accuracy=return_token_accuracy,
+                            dw_accumulation=dw_accumulation, chunk_size=chunk_size)
 
-    def forward(self, x, weight, target, bias=None, weights=None):
-        return linear_cross_entropy(x, weight, target, bias, weights=weights, **self.options)
+    def forward(self, x, weight, target, bias=None, weights=None, class_weight=None):
+        return linear_cross_entropy(x, weight, target, bias, weights=weights, class_weight=class_weight,
+                                    **self.options)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

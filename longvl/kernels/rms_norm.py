@@ -1,10 +1,14 @@
 """RMSNorm with an optional fused residual add: Triton kernels, autograd Function and nn.Module.
 
-Statistics are always fp32. Two casting conventions exist in the wild and users depend on the exact rounding:
-  llama: y = (offset + w) * cast(x * rstd)      (normalise in fp32, round to x's dtype, then scale)
+Three casting conventions exist in the wild and users depend on the exact rounding:
+  llama: y = (offset + w) * cast(x * rstd)      (fp32 statistics; normalise in fp32, round to x's dtype, scale)
   gemma: y = cast(x * rstd * (offset + w))      (everything in fp32, one rounding; Gemma uses offset = 1)
-The output has x's dtype. With a residual, the kernel also returns residual_sum = x + residual (rounded to x's
-dtype, as a pre-norm decoder's `residual = residual + hidden`) and normalises that sum.
+  none:  every step in x's dtype, as a module written in plain torch computes it for a bf16 / fp16 input:
+         the squares, their mean (summed in fp32, as torch's mean is), mean + eps, rstd, x * rstd, offset + w and
+         the product are each rounded to x's dtype (Liger-Kernel's casting mode "none").
+The output has x's dtype. Backward is fp32 math in every convention, on the values the forward rounded.
+With a residual, the kernel also returns residual_sum = x + residual (rounded to x's dtype, as a pre-norm
+decoder's `residual = residual + hidden`) and normalises that sum.
 
 Backward never writes into a tensor autograd may still hold: dX gets its own buffer, because the incoming
 gradient can be shared with other branches of the graph. dW: a persistent grid of programs each accumulates an
@@ -21,7 +25,7 @@ import triton.language as tl
 from longvl import kernels
 from longvl.kernels._utils import cdiv, check_kernel_tensor, multiprocessor_count, next_power_of_2
 
-CASTINGS = ("llama", "gemma")
+CASTINGS = ("llama", "gemma", "none")
 MAX_HIDDEN = 65536  # one row must fit in a program's registers
 
 
@@ -49,12 +53,35 @@ def _forward_load(x_ptr, residual_ptr, sum_ptr, rows, cols, n_rows, n_cols, x_st
 
 
 @triton.jit
-def _forward_store(x, rstd, w_ptr, y_ptr, rows, cols, n_rows, n_cols, y_stride, offset, GEMMA: tl.constexpr):
-    """y for one piece; llama rounds the normalised value to the output's (= x's) dtype before scaling."""
+def _rounded(value, dtype: tl.constexpr):
+    """value (fp32) rounded to `dtype` and back: one step of a computation carried out in that dtype."""
+    return value.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _squares(x, dtype: tl.constexpr, IN_DTYPE: tl.constexpr):
+    if IN_DTYPE:
+        return _rounded(x * x, dtype)
+    return x * x
+
+
+@triton.jit
+def _scale(w_ptr, cols, n_cols, offset, dtype: tl.constexpr, IN_DTYPE: tl.constexpr):
+    """offset + w in fp32 (in `dtype` when IN_DTYPE)."""
     scale = offset + tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    if IN_DTYPE:
+        scale = _rounded(scale, dtype)
+    return scale
+
+
+@triton.jit
+def _forward_store(x, rstd, w_ptr, y_ptr, rows, cols, n_rows, n_cols, y_stride, offset, GEMMA: tl.constexpr,
+                   IN_DTYPE: tl.constexpr):
+    """y for one piece; llama and none round the normalised value to the output's (= x's) dtype before scaling."""
+    scale = _scale(w_ptr, cols, n_cols, offset, y_ptr.dtype.element_ty, IN_DTYPE)
     normed = x * rstd[:, None]
     if not GEMMA:
-        normed = normed.to(y_ptr.dtype.element_ty).to(tl.float32)
+        normed = _rounded(normed, y_ptr.dtype.element_ty)
     tl.store(y_ptr + _tile_offsets(rows, cols, y_stride), (normed * scale[None, :]).to(y_ptr.dtype.element_ty),
              mask=_tile_mask(rows, cols, n_rows, n_cols))
 
@@ -64,7 +91,7 @@ def _rms_norm_forward_kernel(
     x_ptr, residual_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr,
     n_rows, n_cols, x_stride, residual_stride, sum_stride, y_stride,
     eps, offset,
-    GEMMA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RSTD: tl.constexpr,
+    GEMMA: tl.constexpr, IN_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_RSTD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):
     """ROWS rows per program; each row is held in two power-of-two pieces, [0, BLOCK) and [BLOCK, BLOCK + TAIL)
@@ -73,18 +100,23 @@ def _rms_norm_forward_kernel(
     cols = tl.arange(0, BLOCK)
     x = _forward_load(x_ptr, residual_ptr, sum_ptr, rows, cols, n_rows, n_cols, x_stride, residual_stride,
                       sum_stride, HAS_RESIDUAL)
-    sum_sq = tl.sum(x * x, axis=1)
+    sum_sq = tl.sum(_squares(x, y_ptr.dtype.element_ty, IN_DTYPE), axis=1)
     if TAIL > 0:
         tail_cols = BLOCK + tl.arange(0, TAIL)
         tail = _forward_load(x_ptr, residual_ptr, sum_ptr, rows, tail_cols, n_rows, n_cols, x_stride,
                              residual_stride, sum_stride, HAS_RESIDUAL)
-        sum_sq += tl.sum(tail * tail, axis=1)
-    rstd = tl.rsqrt(sum_sq / n_cols + eps)
+        sum_sq += tl.sum(_squares(tail, y_ptr.dtype.element_ty, IN_DTYPE), axis=1)
+    if IN_DTYPE:
+        mean_sq = _rounded(sum_sq / n_cols, y_ptr.dtype.element_ty)
+        rstd = _rounded(tl.rsqrt(_rounded(mean_sq + eps, y_ptr.dtype.element_ty)), y_ptr.dtype.element_ty)
+    else:
+        rstd = tl.rsqrt(sum_sq / n_cols + eps)
     if STORE_RSTD:
         tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
-    _forward_store(x, rstd, w_ptr, y_ptr, rows, cols, n_rows, n_cols, y_stride, offset, GEMMA)
+    _forward_store(x, rstd, w_ptr, y_ptr, rows, cols, n_rows, n_cols, y_stride, offset, GEMMA, IN_DTYPE)
     if TAIL > 0:
-        _forward_store(tail, rstd, w_ptr, y_ptr, rows, tail_cols, n_rows, n_cols, y_stride, offset, GEMMA)
+        _forward_store(tail, rstd, w_ptr, y_ptr, rows, tail_cols, n_rows, n_cols, y_stride, offset, GEMMA,
+                       IN_DTYPE)
 
 
 @triton.jit
@@ -133,8 +165,8 @@ def _rms_norm_backward_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dw_partial_ptr, counter_ptr, dw_ptr,
     n_rows, n_cols, dy_stride, x_stride, dsum_stride, dx_stride,
     offset,
-    GEMMA: tl.constexpr, HAS_DSUM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
-    ATOMIC_DW: tl.constexpr,
+    GEMMA: tl.constexpr, IN_DTYPE: tl.constexpr, HAS_DSUM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    TAIL: tl.constexpr, ATOMIC_DW: tl.constexpr,
 ):
     """Persistent: program p handles row blocks p, p + P, ... Rows are held in the forward's two pieces.
 
@@ -147,11 +179,11 @@ def _rms_norm_backward_kernel(
     pid = tl.program_id(0)
     step = tl.num_programs(0) * ROWS
     cols = tl.arange(0, BLOCK)
-    scale = offset + tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    scale = _scale(w_ptr, cols, n_cols, offset, dx_ptr.dtype.element_ty, IN_DTYPE)
     dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     if TAIL > 0:
         tail_cols = BLOCK + tl.arange(0, TAIL)
-        tail_scale = offset + tl.load(w_ptr + tail_cols, mask=tail_cols < n_cols, other=0.0).to(tl.float32)
+        tail_scale = _scale(w_ptr, tail_cols, n_cols, offset, dx_ptr.dtype.element_ty, IN_DTYPE)
         tail_dw = tl.zeros((ROWS, TAIL), dtype=tl.float32)
     else:
         tail_cols = cols
@@ -271,7 +303,7 @@ def _atomic_dw():
     return not torch.are_deterministic_algorithms_enabled()
 
 
-def _forward(x, weight, residual, eps, offset, gemma, store_rstd, sum_into_residual=False):
+def _forward(x, weight, residual, eps, offset, casting, store_rstd, sum_into_residual=False):
     n_cols = x.shape[-1]
     x2 = _rows(x, n_cols)
     n_rows = x2.shape[0]
@@ -287,7 +319,8 @@ def _forward(x, weight, residual, eps, offset, gemma, store_rstd, sum_into_resid
         x2, res2, sum2, weight, y, rstd,
         n_rows, n_cols, x2.stride(0), res2.stride(0), sum2.stride(0), y.stride(0),
         eps, offset,
-        GEMMA=gemma, HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd,
+        GEMMA=casting == "gemma", IN_DTYPE=casting == "none", HAS_RESIDUAL=residual is not None,
+        STORE_RSTD=store_rstd,
         ROWS=rows, BLOCK=block, TAIL=tail, num_warps=warps,
     )
     if sum_into_residual:
@@ -297,7 +330,7 @@ def _forward(x, weight, residual, eps, offset, gemma, store_rstd, sum_into_resid
     return y.view(x.shape), sum2.view(x.shape), rstd
 
 
-def _backward(dy, normed_input, weight, rstd, dsum, offset, gemma):
+def _backward(dy, normed_input, weight, rstd, dsum, offset, casting):
     n_cols = normed_input.shape[-1]
     x2 = _rows(normed_input, n_cols)
     dy2 = _rows(dy, n_cols)
@@ -319,7 +352,8 @@ def _backward(dy, normed_input, weight, rstd, dsum, offset, gemma):
         dy2, x2, weight, rstd, dsum2, dx, dw_partial, counter, dw,
         n_rows, n_cols, dy2.stride(0), x2.stride(0), dsum2.stride(0), dx.stride(0),
         offset,
-        GEMMA=gemma, HAS_DSUM=dsum is not None, ROWS=rows, BLOCK=block, TAIL=tail, ATOMIC_DW=atomic,
+        GEMMA=casting == "gemma", IN_DTYPE=casting == "none", HAS_DSUM=dsum is not None, ROWS=rows, BLOCK=block,
+        TAIL=tail, ATOMIC_DW=atomic,
         num_warps=warps,
     )
     if not atomic:
@@ -332,16 +366,16 @@ class RMSNormFunction(torch.autograd.Function):
     """y = RMSNorm(x [+ residual]); saves the normalised input (x or the sum) and one fp32 rstd per row."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, offset, gemma, in_place):
+    def forward(ctx, x, weight, residual, eps, offset, casting, in_place):
         needs_grad = any(ctx.needs_input_grad[:3])
-        y, normed_input, rstd = _forward(x, weight, residual, eps, offset, gemma, store_rstd=needs_grad,
+        y, normed_input, rstd = _forward(x, weight, residual, eps, offset, casting, store_rstd=needs_grad,
                                          sum_into_residual=in_place)
         if in_place:
             # The sum replaced `residual`'s contents; mark_dirty bumps its version so autograd refuses to run a
             # backward that saved the old value, instead of silently using the overwritten one.
             ctx.mark_dirty(residual)
         ctx.save_for_backward(normed_input, weight, rstd)
-        ctx.offset, ctx.gemma, ctx.has_residual = offset, gemma, residual is not None
+        ctx.offset, ctx.casting, ctx.has_residual = offset, casting, residual is not None
         if residual is None:
             return y
         return y, normed_input
@@ -352,7 +386,7 @@ class RMSNormFunction(torch.autograd.Function):
         dsum = maybe_dsum[0] if maybe_dsum else None
         if dy is None:
             dy = torch.zeros_like(normed_input)
-        dx, dw = _backward(dy, normed_input, weight, rstd, dsum, ctx.offset, ctx.gemma)
+        dx, dw = _backward(dy, normed_input, weight, rstd, dsum, ctx.offset, ctx.casting)
         # x and residual enter only through their sum, so they share one gradient (as autograd's add does).
         return dx, dw, dx if ctx.has_residual else None, None, None, None, None
 
@@ -380,12 +414,13 @@ def rms_norm(x, weight, eps=1e-6, *, offset=0.0, casting="llama", residual=None,
                              f"{tuple(x.shape)} on {x.device}")
     elif in_place:
         raise ValueError("in_place=True needs a residual: it stores x + residual into the residual tensor")
-    return RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), casting == "gemma", bool(in_place))
+    return RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), casting, bool(in_place))
 
 
 class RMSNorm(torch.nn.Module):
     """Drop-in for HF's Qwen2RMSNorm / LlamaRMSNorm (same `weight` key and `variance_epsilon`); Gemma-style with
-    offset=1.0, casting="gemma". The weight starts at 1 - offset so that a fresh module scales by exactly 1."""
+    offset=1.0, casting="gemma"; casting="none" for models that norm in their own dtype. The weight starts at
+    1 - offset so that a fresh module scales by exactly 1."""
 
     def __init__(self, hidden_size, eps=1e-6, offset=0.0, casting="llama"):
         super().__init__()

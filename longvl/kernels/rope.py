@@ -8,6 +8,12 @@ documents that restart, zigzag context-parallel shards) cost no cos/sin table at
 
 Given cos/sin are used exactly as HF does, half by half: out[:h] = x1 cos[:h] - x2 sin[:h],
 out[h:] = x2 cos[h:] + x1 sin[h:]. The math runs in fp32 and rounds once at the store.
+
+Any head dim: a program holds a head's half in a power-of-two block of lanes and masks the lanes past it (a
+power-of-two head dim masks none). An odd head dim D rotates its first D - 1 features (halves of (D - 1) / 2) and
+passes the last one through, as Liger-Kernel does; its cos/sin may then also be the table HF's rotary embedding
+builds for D (width D + 1, two equal halves of (D + 1) / 2: the first (D - 1) / 2 of each half are used), and
+angles from position_ids use that embedding's frequencies theta^(-2i / D).
 """
 import functools
 
@@ -51,10 +57,11 @@ def _rope_kernel(
     q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, qo_sb, qo_ss, qo_sh, ko_sb, ko_ss, ko_sh,
     cos_sb, cos_ss, sin_sb, sin_ss, pos_sb, pos_ss,
     FROM_POSITIONS: tl.constexpr, BACKWARD: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
+    HALF: tl.constexpr, TABLE_HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PASS: tl.constexpr,
+    BLOCK_PASS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
 ):
-    """Program (token, head block). BACKWARD applies the transposed rotation: sin1 -> -sin2, sin2 -> -sin1."""
+    """Program (token, head block). BACKWARD applies the transposed rotation: sin1 -> -sin2, sin2 -> -sin1.
+    A table's second half starts at column TABLE_HALF (HALF, or (D + 1) / 2 in HF's table of an odd head dim)."""
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     b = token // seq_len
@@ -76,9 +83,9 @@ def _rope_kernel(
         cos_at = cos_ptr + b * cos_sb + s * cos_ss + dims
         sin_at = sin_ptr + b * sin_sb + s * sin_ss + dims
         cos1 = tl.load(cos_at, mask=dim_ok, other=0.0).to(tl.float32)
-        cos2 = tl.load(cos_at + HALF, mask=dim_ok, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_at + TABLE_HALF, mask=dim_ok, other=0.0).to(tl.float32)
         sin1 = tl.load(sin_at, mask=dim_ok, other=0.0).to(tl.float32)
-        sin2 = tl.load(sin_at + HALF, mask=dim_ok, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_at + TABLE_HALF, mask=dim_ok, other=0.0).to(tl.float32)
     if BACKWARD:
         sin1, sin2 = -sin2, -sin1
     if DO_Q:
@@ -94,11 +101,11 @@ def _rope_kernel(
 _INV_FREQ_CACHE = {}
 
 
-def _inv_freq(theta, rotary_dim, device):
-    """HF's fp32 inverse frequencies, bit for bit, cached per (theta, rotary_dim, device)."""
-    key = (theta, rotary_dim, device)
+def _inv_freq(theta, dim, device):
+    """HF's fp32 inverse frequencies for a rotary width `dim`, bit for bit, cached per (theta, dim, device)."""
+    key = (theta, dim, device)
     if key not in _INV_FREQ_CACHE:
-        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         _INV_FREQ_CACHE[key] = (1.0 / (theta ** exponents)).to(device)
     return _INV_FREQ_CACHE[key]
 
@@ -129,7 +136,7 @@ def _num_warps(elements, from_positions):
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_config(head_dim, rotary_dim, n_q, n_k, from_positions):
+def _launch_config(head_dim, rotary_dim, table_half, n_q, n_k, from_positions):
     """Compile-time sizes, head blocks and warps for one model's attention shape, worked out once."""
     half = rotary_dim // 2
     pass_dims = head_dim - rotary_dim
@@ -137,7 +144,7 @@ def _launch_config(head_dim, rotary_dim, n_q, n_k, from_positions):
     cap = max(1, MAX_HEAD_ELEMENTS // block_half)
     block_q = min(next_power_of_2(max(n_q, 1)), cap)
     block_k = min(next_power_of_2(max(n_k, 1)), cap)
-    constants = dict(HALF=half, BLOCK_HALF=block_half, PASS=pass_dims,
+    constants = dict(HALF=half, TABLE_HALF=table_half, BLOCK_HALF=block_half, PASS=pass_dims,
                      BLOCK_PASS=next_power_of_2(max(pass_dims, 1)), BLOCK_Q_HEADS=block_q, BLOCK_K_HEADS=block_k,
                      num_warps=_num_warps(block_half * (block_q + block_k), from_positions))
     return constants, max(cdiv(n_q, block_q), cdiv(n_k, block_k))
@@ -153,7 +160,8 @@ def _launch(q, k, q_out, k_out, tables, from_positions, layout, rotary_dim, back
     batch, seq = ref.shape[0], ref.shape[seq_axis]
     n_q = q.shape[head_axis] if q is not None else 0
     n_k = k.shape[head_axis] if k is not None else 0
-    constants, head_blocks = _launch_config(ref.shape[-1], rotary_dim, n_q, n_k, from_positions)
+    table_half = rotary_dim // 2 if from_positions else tables[0].shape[-1] // 2
+    constants, head_blocks = _launch_config(ref.shape[-1], rotary_dim, table_half, n_q, n_k, from_positions)
     if from_positions:
         positions, inv_freq = tables
         cos = sin = inv_freq
@@ -202,15 +210,16 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None, None, None, None
 
 
-def _check_table(name, table, batch, seq, rotary_dim, device):
+def _check_table(name, table, batch, seq, widths, device):
     check_kernel_tensor(name, table)
     if table.device != device:
         raise ValueError(f"{name} is on {table.device} but q is on {device}")
     lead = table.shape[:-1]
-    if table.dim() not in (2, 3) or table.shape[-1] != rotary_dim or lead[-1] != seq or (
+    if table.dim() not in (2, 3) or table.shape[-1] not in widths or lead[-1] != seq or (
             table.dim() == 3 and lead[0] not in (1, batch)):
-        raise ValueError(f"{name} has shape {tuple(table.shape)}; expected ({batch} or 1, {seq}, {rotary_dim}) or "
-                         f"({seq}, {rotary_dim})")
+        width = " or ".join(map(str, widths))
+        raise ValueError(f"{name} has shape {tuple(table.shape)}; expected ({batch} or 1, {seq}, {width}) or "
+                         f"({seq}, {width})")
     if torch.is_grad_enabled() and table.requires_grad:
         raise ValueError(f"{name} requires grad, but gradients with respect to cos/sin are not computed: detach it")
     return _last_dim_unit(table)
@@ -220,7 +229,8 @@ def apply_rope(q, k, cos=None, sin=None, *, position_ids=None, theta=None, layou
     """Rotate q and k (returns new tensors, inputs untouched). Give HF's cos/sin, or position_ids with theta.
 
     q: (B, Hq, S, D) for layout "bhsd" (HF) or (B, S, Hq, D) for "bshd"; k the same with its own head count.
-    cos/sin: (B, S, R), (1, S, R) or (S, R) with R = rotary_dim (default D). position_ids: (B, S) or (1, S) ints.
+    cos/sin: (B, S, R), (1, S, R) or (S, R) with R = rotary_dim (default D, or D - 1 for an odd D, whose table may
+    also be HF's of width D + 1: module docstring). position_ids: (B, S) or (1, S) ints.
     """
     check_kernel_tensor("q", q)
     check_kernel_tensor("k", k)
@@ -235,9 +245,12 @@ def apply_rope(q, k, cos=None, sin=None, *, position_ids=None, theta=None, layou
     if k.shape[0] != q.shape[0] or k.shape[seq_dim] != q.shape[seq_dim] or k.shape[-1] != head_dim:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, sequence and head_dim "
                          f"in layout {layout!r}")
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even for rotate-half RoPE, got {head_dim}")
-    rotary_dim = head_dim if rotary_dim is None else int(rotary_dim)
+    if rotary_dim is None:  # an odd head dim: HF's table and frequencies for D, the last feature passed through
+        rotary_dim, freq_dim = head_dim - head_dim % 2, head_dim
+        table_widths = (rotary_dim, head_dim + 1) if head_dim % 2 else (rotary_dim,)
+    else:
+        rotary_dim = freq_dim = int(rotary_dim)
+        table_widths = (rotary_dim,)
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
     batch, seq = q.shape[0], q.shape[seq_dim]
@@ -246,8 +259,10 @@ def apply_rope(q, k, cos=None, sin=None, *, position_ids=None, theta=None, layou
     if cos is not None:
         if position_ids is not None or theta is not None:
             raise ValueError("give either cos/sin or position_ids/theta, not both")
-        tables = (_check_table("cos", cos, batch, seq, rotary_dim, q.device),
-                  _check_table("sin", sin, batch, seq, rotary_dim, q.device))
+        tables = (_check_table("cos", cos, batch, seq, table_widths, q.device),
+                  _check_table("sin", sin, batch, seq, table_widths, q.device))
+        if cos.shape[-1] != sin.shape[-1]:
+            raise ValueError(f"cos and sin must have one width, got {cos.shape[-1]} and {sin.shape[-1]}")
     else:
         if position_ids is None or theta is None:
             raise ValueError("without cos/sin, both position_ids and theta are needed")
@@ -258,6 +273,6 @@ def apply_rope(q, k, cos=None, sin=None, *, position_ids=None, theta=None, layou
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected ({batch} or 1, {seq})")
         if not theta > 0:
             raise ValueError(f"theta must be positive, got {theta}")
-        tables = (position_ids.long(), _inv_freq(float(theta), rotary_dim, q.device))
+        tables = (position_ids.long(), _inv_freq(float(theta), freq_dim, q.device))
     q, k = _last_dim_unit(q), _last_dim_unit(k)
     return RoPEFunction.apply(q, k, *tables, cos is None, layout, rotary_dim)

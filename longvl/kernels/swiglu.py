@@ -8,9 +8,8 @@ The MLP keeps the three GEMMs on cuBLAS and removes every other pass. Forward sa
 pre-activations (or only x with recompute=True, which recomputes the two GEMMs in backward). Backward computes
 dh = dout @ Wd, then one kernel overwrites the gate and up buffers (ours, dead after this backward) with dgate
 and dup and the dh buffer with h, so backward needs one new intermediate-sized buffer instead of eager's four.
-fused_gemm=True swaps the gate / up GEMMs for one Triton GEMM whose epilogue applies SwiGLU; on the H200 it
-measured slower than cuBLAS + the elementwise kernel (bench/bench_swiglu.py) and it autotunes once per token
-count, so it is not the default.
+(A Triton GEMM for gate / up with the SwiGLU epilogue measured slower than cuBLAS + the elementwise kernel on
+the H200, bench/results/swiglu_*.json, and is gone.)
 """
 import functools
 
@@ -21,7 +20,6 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from longvl import kernels  # switches Triton to its interpreter on machines without CUDA, before any kernel is defined
 from longvl.kernels._utils import cdiv
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,84 +66,6 @@ def _swiglu_backward_kernel(
     tl.store(dup_ptr + rows * dup_stride + cols, (dh * silu).to(dup_ptr.dtype.element_ty), mask=mask)
     if STORE_H:
         tl.store(h_ptr + rows * h_stride + cols, (silu * up).to(h_ptr.dtype.element_ty), mask=mask)
-
-
-def _gemm_configs():
-    """Hopper-sized tiles on a GPU; one tiny tile in the interpreter, where autotuning would only cost time."""
-    if kernels.INTERPRETED:
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4), num_warps=1)]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=s)
-            for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
-                                  (64, 128, 64, 4, 4), (128, 128, 32, 8, 4)]]
-
-
-@triton.autotune(configs=_gemm_configs(), key=["n_rows", "n_cols", "n_inner", "STORE_PREACTIVATIONS"])
-@triton.jit
-def _gate_up_swiglu_gemm_kernel(
-    x_ptr, gate_w_ptr, up_w_ptr, gate_b_ptr, up_b_ptr, h_ptr, gate_ptr, up_ptr,
-    n_rows, n_cols, n_inner, x_stride, w_stride,
-    HAS_GATE_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, STORE_PREACTIVATIONS: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """h = silu(x Wg^T + bg) * (x Wu^T + bu) tile by tile: both GEMMs share the x tile, h never round-trips."""
-    pid = tl.program_id(0)
-    n_pid_m, n_pid_n = tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_N)
-    group = pid // (GROUP_M * n_pid_n)  # GROUP_M row tiles walk the columns together: x tiles stay in L2
-    first_m = group * GROUP_M
-    group_rows = min(n_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_pid_n)) % group_rows
-    pid_n = (pid % (GROUP_M * n_pid_n)) // group_rows
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + (rows % n_rows).to(tl.int64)[:, None] * x_stride + ks[None, :]
-    w_offsets = (cols % n_cols).to(tl.int64)[None, :] * w_stride + ks[:, None]
-    gate_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, n_inner, BLOCK_K):
-        k_ok = ks < n_inner - k
-        x = tl.load(x_ptrs + k, mask=k_ok[None, :], other=0.0)
-        gate_w = tl.load(gate_w_ptr + w_offsets + k, mask=k_ok[:, None], other=0.0)
-        up_w = tl.load(up_w_ptr + w_offsets + k, mask=k_ok[:, None], other=0.0)
-        if DOT_IN_FP32:
-            x, gate_w, up_w = x.to(tl.float32), gate_w.to(tl.float32), up_w.to(tl.float32)
-        gate_acc = tl.dot(x, gate_w, gate_acc, input_precision=INPUT_PRECISION)
-        up_acc = tl.dot(x, up_w, up_acc, input_precision=INPUT_PRECISION)
-    if HAS_GATE_BIAS:
-        gate_acc += tl.load(gate_b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-    if HAS_UP_BIAS:
-        up_acc += tl.load(up_b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-    out_dtype = h_ptr.dtype.element_ty
-    # Round the pre-activations as the unfused path does, so both give the same h.
-    gate, up = gate_acc.to(out_dtype), up_acc.to(out_dtype)
-    gate_f = gate.to(tl.float32)
-    h = gate_f * tl.sigmoid(gate_f) * up.to(tl.float32)
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    tl.store(h_ptr + offsets, h.to(out_dtype), mask=mask)
-    if STORE_PREACTIVATIONS:
-        tl.store(gate_ptr + offsets, gate, mask=mask)
-        tl.store(up_ptr + offsets, up, mask=mask)
-
-
-def gate_up_swiglu_gemm(x, gate_weight, up_weight, gate_bias, up_bias, store_preactivations):
-    """(h, gate, up) from one Triton GEMM with the SwiGLU epilogue; gate, up are None unless stored."""
-    n_rows, n_inner = x.shape
-    n_cols = gate_weight.shape[0]
-    x, gate_weight, up_weight = x.contiguous(), gate_weight.contiguous(), up_weight.contiguous()
-    h = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
-    gate, up = (torch.empty_like(h), torch.empty_like(h)) if store_preactivations else (h, h)
-    if h.numel():
-        grid = lambda meta: (cdiv(n_rows, meta["BLOCK_M"]) * cdiv(n_cols, meta["BLOCK_N"]),)
-        _gate_up_swiglu_gemm_kernel[grid](
-            x, gate_weight, up_weight, h if gate_bias is None else gate_bias, h if up_bias is None else up_bias,
-            h, gate, up, n_rows, n_cols, n_inner, x.stride(0), gate_weight.stride(0),
-            HAS_GATE_BIAS=gate_bias is not None, HAS_UP_BIAS=up_bias is not None,
-            STORE_PREACTIVATIONS=store_preactivations,
-            DOT_IN_FP32=kernels.INTERPRETED,  # Triton 3.6's interpreter gets bf16 tl.dot wrong
-            INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 stays fp32, as in cuBLAS
-    return (h, gate, up) if store_preactivations else (h, None, None)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -272,16 +192,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, overwrite_inputs_in_backward
 
 class SwiGLUMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, recompute,
-                fused_gemm):
+    def forward(ctx, x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, recompute):
         x2d = x.reshape(-1, x.shape[-1])
-        if fused_gemm:
-            h, gate, up = gate_up_swiglu_gemm(x2d, gate_weight, up_weight, gate_bias, up_bias,
-                                              store_preactivations=not recompute)
-        else:
-            gate = F.linear(x2d, gate_weight, gate_bias)
-            up = F.linear(x2d, up_weight, up_bias)
-            h = swiglu_forward(gate, up)
+        gate = F.linear(x2d, gate_weight, gate_bias)
+        up = F.linear(x2d, up_weight, up_bias)
+        h = swiglu_forward(gate, up)
         ctx.recompute, ctx.consumed = recompute, False
         if recompute:
             del gate, up  # freed before the down GEMM allocates its output
@@ -324,18 +239,16 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         grad_gate_bias = dgate.sum(0) if needs[4] else None
         grad_up_bias = dup.sum(0) if needs[5] else None
         return (grad_x, grad_gate_weight, grad_up_weight, grad_down_weight,
-                grad_gate_bias, grad_up_bias, grad_down_bias, None, None)
+                grad_gate_bias, grad_up_bias, grad_down_bias, None)
 
 
 def swiglu_mlp(x, gate_weight, up_weight, down_weight, gate_bias=None, up_bias=None, down_bias=None, *,
-               recompute=False, fused_gemm=False):
+               recompute=False):
     """down(silu(gate(x)) * up(x)) with nn.Linear weight layouts ([out, in]); differentiable in every input.
 
     recompute=False saves x and the two [tokens, intermediate] pre-activations for backward; recompute=True
     saves only x and spends two more GEMMs in backward to recompute them. Under autocast, inputs are cast to
-    the autocast dtype first (as F.linear would). fused_gemm=True computes gate and up in one Triton GEMM
-    whose epilogue applies SwiGLU (h never round-trips through memory) instead of two cuBLAS GEMMs and the
-    elementwise kernel.
+    the autocast dtype first (as F.linear would).
     """
     for name, t in dict(x=x, gate_weight=gate_weight, up_weight=up_weight, down_weight=down_weight).items():
         _check_floating(name, t)
@@ -365,44 +278,41 @@ def swiglu_mlp(x, gate_weight, up_weight, down_weight, gate_bias=None, up_bias=N
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}: all inputs "
                              f"must share dtype and device")
     return SwiGLUMLPFunction.apply(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias,
-                                   bool(recompute), bool(fused_gemm))
+                                   bool(recompute))
 
 
 class SwiGLUMLP(nn.Module):
     """Drop-in for Qwen2MLP / LlamaMLP: same submodules and state-dict keys, fused forward and backward."""
 
-    def __init__(self, hidden_size, intermediate_size, bias=False, recompute=False, device=None, dtype=None,
-                 fused_gemm=False):
+    def __init__(self, hidden_size, intermediate_size, bias=False, recompute=False, device=None, dtype=None):
         super().__init__()
         factory = dict(bias=bias, device=device, dtype=dtype)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, **factory)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **factory)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **factory)
-        self.recompute, self.fused_gemm = recompute, fused_gemm
+        self.recompute = recompute
 
     @classmethod
-    def from_linears(cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, recompute=False,
-                     fused_gemm=False):
+    def from_linears(cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, recompute=False):
         """Wrap existing Linear modules (shared, not copied): training the result trains them."""
         mlp = cls.__new__(cls)
         nn.Module.__init__(mlp)
         mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate_proj, up_proj, down_proj
-        mlp.recompute, mlp.fused_gemm = recompute, fused_gemm
+        mlp.recompute = recompute
         return mlp
 
     @classmethod
-    def from_hf_mlp(cls, mlp: nn.Module, recompute=False, fused_gemm=False):
+    def from_hf_mlp(cls, mlp: nn.Module, recompute=False):
         """Wrap a Hugging Face Qwen2MLP / LlamaMLP (or any module with those three Linears and SiLU)."""
         act = getattr(mlp, "act_fn", None)
         probe = torch.linspace(-4, 4, 9)
         if act is not None and not torch.allclose(act(probe), F.silu(probe)):  # HF has its own SiLU class
             raise ValueError(f"{type(mlp).__name__} uses activation {type(act).__name__}, not SiLU")
-        return cls.from_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj, recompute, fused_gemm)
+        return cls.from_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj, recompute)
 
     def forward(self, x):
         return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
-                          self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, recompute=self.recompute,
-                          fused_gemm=self.fused_gemm)
+                          self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, recompute=self.recompute)
 
     def extra_repr(self):
-        return f"recompute={self.recompute}, fused_gemm={self.fused_gemm}"
+        return f"recompute={self.recompute}"
