@@ -1,6 +1,6 @@
 """One training step of a Qwen2.5-7B-shaped causal LM: unpatched HF (eager) vs apply_kernels (ours) vs Liger.
 
-`ours_weight_dtype` is apply_kernels(dw_accumulation="weight_dtype"): the lm-head gradient summed in bf16 across
+`ours_weight_dtype` is apply_kernels(lm_head_grad_dtype="weight"): the lm-head gradient summed in bf16 across
 token chunks, as Liger does, instead of our default fp32.
 
 Full width (hidden 3584, 28 query / 4 KV heads, intermediate 18944, vocab 152064, untied head), 4 layers,
@@ -76,7 +76,7 @@ def test_qwen2_7b_train_step(measure, device, tokens, provider):
     with _restored_qwen2_module():
         model = _model(device)
         if provider.startswith("ours"):
-            apply_kernels(model, dw_accumulation="weight_dtype" if provider == "ours_weight_dtype" else "fp32")
+            apply_kernels(model, lm_head_grad_dtype="weight" if provider == "ours_weight_dtype" else "float32")
         elif provider == "liger":
             liger.apply_liger_kernel_to_qwen2(model=model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=ON_GPU)

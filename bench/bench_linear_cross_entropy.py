@@ -48,18 +48,18 @@ def hidden_states(kind, tokens, hidden, vocab, device):
 def providers():
     """name -> loss(x, weight, target), for every provider installed here."""
     table = {"ours": lambda x, w, y: linear_cross_entropy(x, w, y),
-             "ours_weight_dtype": lambda x, w, y: linear_cross_entropy(x, w, y, dw_accumulation="weight_dtype"),
-             "ours_weight_dtype_chunk512": lambda x, w, y: linear_cross_entropy(x, w, y, dw_accumulation="weight_dtype",
+             "ours_weight_dtype": lambda x, w, y: linear_cross_entropy(x, w, y, dw_dtype="weight"),
+             "ours_weight_dtype_chunk512": lambda x, w, y: linear_cross_entropy(x, w, y, dw_dtype="weight",
                                                                                 chunk_size=512),
              "ours_per_vocab_chunk": lambda x, w, y: linear_cross_entropy(x, w, y,
-                                                                          dw_accumulation="per_vocab_chunk")}
+                                                                          chunking="vocab")}
     if SWEEP:
         for chunk in (2048, 8192):
             table[f"ours_fp32_chunk{chunk}"] = (
                 lambda x, w, y, c=chunk: linear_cross_entropy(x, w, y, chunk_size=c))
         for chunk in (2048, 8192):
             table[f"ours_per_vocab_chunk{chunk}"] = (
-                lambda x, w, y, c=chunk: linear_cross_entropy(x, w, y, dw_accumulation="per_vocab_chunk",
+                lambda x, w, y, c=chunk: linear_cross_entropy(x, w, y, chunking="vocab",
                                                               chunk_size=c))
     table["eager"] = lambda x, w, y: F.cross_entropy(F.linear(x, w).float(), y)
     if hasattr(F, "linear_cross_entropy"):

@@ -244,27 +244,30 @@ def test_flags_and_idempotence(device):
     assert alive() is None  # no self-reference: `del` frees a patched model's memory at once
 
 
-def test_loss_dw_accumulation_option(device, monkeypatch):
-    """apply_kernels(dw_accumulation=...) reaches the fused loss, patching again updates it, bad values raise."""
+def test_loss_settings_reach_the_fused_loss(device, monkeypatch):
+    """apply_kernels(loss_chunking=..., lm_head_grad_dtype=...) reach the fused loss, patching again updates them,
+    bad values raise."""
     import longvl.kernels.hf_patch as hf_patch
 
-    reference, patched = _pair("llama", device, dw_accumulation="weight_dtype")
+    reference, patched = _pair("llama", device, lm_head_grad_dtype="weight")
     seen = []
 
     def recording_loss(*args, **kwargs):
-        seen.append(kwargs["dw_accumulation"])
+        seen.append((kwargs["chunking"], kwargs["dw_dtype"]))
         return fused_loss(*args, **kwargs)
 
     fused_loss = hf_patch.fused_linear_cross_entropy
     monkeypatch.setattr(hf_patch, "fused_linear_cross_entropy", recording_loss)
     _assert_same_step(reference, patched, _batch(device))  # fp32 weights: the same sums either way
-    apply_kernels(patched)
+    apply_kernels(patched, loss_chunking="vocab")
     patched(**_batch(device))
-    assert seen == ["weight_dtype", "fp32"]
-    with pytest.raises(ValueError, match="dw_accumulation"):
-        apply_kernels(patched, dw_accumulation="bf16")
-    with pytest.raises(ValueError, match="dw_accumulation"):
-        patch_model_class(LlamaForCausalLM, dw_accumulation="bf16")
+    assert seen == [("tokens", "weight"), ("vocab", "float32")]
+    with pytest.raises(ValueError, match="lm_head_grad_dtype"):
+        apply_kernels(patched, lm_head_grad_dtype="bf16")
+    with pytest.raises(ValueError, match="lm_head_grad_dtype must be 'float32'"):
+        apply_kernels(patched, loss_chunking="vocab", lm_head_grad_dtype="weight")
+    with pytest.raises(ValueError, match="loss_chunking"):
+        patch_model_class(LlamaForCausalLM, loss_chunking="rows")
 
 
 def test_gradient_checkpointing(device):

@@ -18,8 +18,9 @@ from tests.test_cross_entropy import reference as logits_reference
 lce_module = importlib.import_module("longvl.kernels.linear_cross_entropy")
 ce_module = importlib.import_module("longvl.kernels.cross_entropy")
 
-STRATEGIES = [dict(dw_accumulation="fp32", chunk_size=16), dict(dw_accumulation="weight_dtype", chunk_size=16),
-              dict(dw_accumulation="per_vocab_chunk", chunk_size=48)]
+STRATEGIES = [dict(chunking="tokens", dw_dtype="float32", chunk_size=16),
+              dict(chunking="tokens", dw_dtype="weight", chunk_size=16), dict(chunking="vocab", chunk_size=48)]
+STRATEGY_ID = lambda s: f"{s['chunking']}-{s.get('dw_dtype', 'float32')}"  # noqa: E731
 
 
 def reference(x, weight, target, bias=None, *, weights=None, class_weight=None, **options):
@@ -47,7 +48,7 @@ def run_both(x, weight, target, bias=None, grad_scale=None, **opts):
     """Loss, extras and every gradient from ours and from the float64 reference."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    strategy = {k: opts.pop(k) for k in ("dw_accumulation", "chunk_size") if k in opts}
+    strategy = {k: opts.pop(k) for k in ("chunking", "dw_dtype", "chunk_size") if k in opts}
     ours = linear_cross_entropy(*leaves[:2], target, *leaves[2:], return_per_token=True, return_lse=True,
                                 return_token_accuracy=True, **opts, **strategy)
     ref = reference(*ref_leaves[:2], target, *ref_leaves[2:], **opts)
@@ -69,7 +70,7 @@ def assert_matches(ours, ref, grads, ref_grads, loss_tol, grad_tol):
 
 
 # fp32 on CPU: the kernels compute in fp32 throughout, so 1e-5 relative is the bar.
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_ID)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_plain_and_reductions_match_float64(strategy, reduction, device):
     if device.type == "cuda":
@@ -80,7 +81,7 @@ def test_plain_and_reductions_match_float64(strategy, reduction, device):
     assert_matches(*result, loss_tol=1e-5, grad_tol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_ID)
 @pytest.mark.parametrize("options", [
     dict(label_smoothing=0.1),
     dict(z_loss=1e-3),
@@ -120,11 +121,11 @@ def test_every_option_combination_matches_torch(device, reduction, ignore_index,
                    softcap=softcap, weights=torch.rand(29) * 2,
                    class_weight=torch.rand(37) * 2 if class_weights else None)
     seed = torch.randn(29, dtype=torch.float64) if reduction == "none" else None
-    assert_matches(*run_both(x, weight, target, torch.randn(37) * 0.5, grad_scale=seed, dw_accumulation="fp32",
+    assert_matches(*run_both(x, weight, target, torch.randn(37) * 0.5, grad_scale=seed, dw_dtype="float32",
                              chunk_size=8, **options), loss_tol=1e-5, grad_tol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_ID)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_class_weights_with_all_options_in_every_strategy(strategy, reduction, device):
     if device.type == "cuda":
@@ -136,7 +137,7 @@ def test_class_weights_with_all_options_in_every_strategy(strategy, reduction, d
                    loss_tol=1e-5, grad_tol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_ID)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_fp32_softcap_gradients_within_a_millionth(strategy, reduction, device):
     """fp32 with softcap, |z| << softcap: dx and dW within 2e-6 of their largest element against float64.
@@ -150,7 +151,7 @@ def test_fp32_softcap_gradients_within_a_millionth(strategy, reduction, device):
                    grad_tol=2e-6)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_ID)
 def test_token_accuracy_gives_ties_to_the_first_column(strategy, device, monkeypatch):
     """Integer hidden states and weights make exact logits, so ties are exact: inside a statistics block, across
     blocks and (per_vocab_chunk) across vocabulary chunks, the first tied column is the prediction."""
@@ -177,7 +178,7 @@ def test_row_blocks_and_chunks_fold_like_one_pass(device, monkeypatch):
     monkeypatch.setattr(ce_module, "STATS_BLOCK", 8)
     monkeypatch.setattr(lce_module, "_LOGIT_ROWS", 2)
     x, weight, target = make_inputs((2, 11), 40, 131, device)
-    for strategy in (dict(dw_accumulation="fp32", chunk_size=5), dict(dw_accumulation="per_vocab_chunk",
+    for strategy in (dict(chunking="tokens", chunk_size=5), dict(chunking="vocab",
                                                                        chunk_size=50)):
         assert_matches(*run_both(x, weight, target, softcap=10.0, label_smoothing=0.05, **strategy),
                        loss_tol=1e-5, grad_tol=1e-5)
@@ -199,7 +200,7 @@ def test_minus_inf_logits_mask_vocabulary_entries(device, monkeypatch):
 
 
 # bf16 on CPU: logits and statistics stay fp32; the gradients are rounded to bf16 once (relative ~2^-8).
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_ID)
 def test_bf16_matches_float64(strategy, device, monkeypatch):
     """Also narrows the fp32 dW in place over several row blocks (the gradient aliases the fp32 buffer), and
     gathers bf16 gradients of several fp32 logit scratches per chunk."""
@@ -213,7 +214,7 @@ def test_bf16_matches_float64(strategy, device, monkeypatch):
     assert_matches(*run_both(x, weight, target, bias, z_loss=1e-4, **strategy), loss_tol=1e-4, grad_tol=1e-2)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s["dw_accumulation"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_ID)
 @pytest.mark.parametrize("tokens", [9, 0], ids=["all_ignored", "empty"])
 def test_all_ignored_gives_zero_loss_and_zero_grads(strategy, tokens, device):
     x, weight, target = make_inputs((tokens,), 16, 37, device, ignore_fraction=1.0)
@@ -260,11 +261,13 @@ def test_module_and_return_order(device):
     (dict(label_smoothing=1.0), "label_smoothing"),
     (dict(temperature=0.0), "temperature"),
     (dict(softcap=-1.0), "softcap"),
-    (dict(dw_accumulation="bf16"), "dw_accumulation"),
+    (dict(dw_dtype="bf16"), "dw_dtype"),
+    (dict(chunking="rows"), "chunking"),
+    (dict(chunking="vocab", dw_dtype="weight"), "dw_dtype must be 'float32'"),
     (dict(weights=torch.ones(4)), "weights"),
     (dict(bias=torch.zeros(36)), "bias"),
 ], ids=["target_shape", "target_dtype", "hidden", "reduction", "smoothing", "temperature", "softcap",
-        "strategy", "weights", "bias"])
+        "dw_dtype", "chunking", "vocab_needs_float32", "weights", "bias"])
 def test_bad_input_raises_clear_error(bad, message):
     args = dict(x=torch.randn(5, 16), weight=torch.randn(37, 16), target=torch.zeros(5, dtype=torch.int64))
     args.update(bad)
@@ -293,9 +296,10 @@ def _chunked_reference(x, weight, target, rows=1024, **opts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dw_accumulation", ["fp32", "weight_dtype", "per_vocab_chunk"])
+@pytest.mark.parametrize("setting", [dict(dw_dtype="float32"), dict(dw_dtype="weight"), dict(chunking="vocab")],
+                         ids=["tokens-float32", "tokens-weight", "vocab"])
 @pytest.mark.parametrize("vocab", [152064, 151937])
-def test_full_size_bf16_on_gpu(dw_accumulation, vocab):
+def test_full_size_bf16_on_gpu(setting, vocab):
     """Qwen2.5-7B head at full vocab (and an odd one), bf16: loss, lse, dx and dW against fp32-logit autograd."""
     torch.manual_seed(0)
     hidden, tokens = 3584, 1024
@@ -303,7 +307,7 @@ def test_full_size_bf16_on_gpu(dw_accumulation, vocab):
     x.requires_grad_()
     weight.requires_grad_()
     loss, token_loss, lse = linear_cross_entropy(x, weight, target, return_per_token=True, return_lse=True,
-                                                 softcap=30.0, dw_accumulation=dw_accumulation)
+                                                 softcap=30.0, **setting)
     dx, dw = torch.autograd.grad(loss, (x, weight))
     xf, wf = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
     ref_tokens, _, ref_lse = _chunked_reference(xf, wf, target, softcap=30.0)
@@ -318,9 +322,10 @@ def test_full_size_bf16_on_gpu(dw_accumulation, vocab):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dw_accumulation", ["fp32", "weight_dtype", "per_vocab_chunk"])
+@pytest.mark.parametrize("setting", [dict(dw_dtype="float32"), dict(dw_dtype="weight"), dict(chunking="vocab")],
+                         ids=["tokens-float32", "tokens-weight", "vocab"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_full_size_all_options_on_gpu(dw_accumulation, reduction):
+def test_full_size_all_options_on_gpu(setting, reduction):
     """Qwen2.5-7B head in bf16 with class weights, per-token weights, label smoothing, z-loss and softcap: loss,
     per-token loss, lse, token accuracy, dx and dW against float64."""
     torch.manual_seed(0)
@@ -333,7 +338,7 @@ def test_full_size_all_options_on_gpu(dw_accumulation, reduction):
     weight.requires_grad_()
     loss, token_loss, lse, accuracy = linear_cross_entropy(
         x, weight, target, return_per_token=True, return_lse=True, return_token_accuracy=True,
-        dw_accumulation=dw_accumulation, **options)
+        **setting, **options)
     seed = torch.rand_like(loss)
     dx, dw = torch.autograd.grad(loss, (x, weight), seed)
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
@@ -357,7 +362,7 @@ def test_lean_setting_keeps_only_the_gradients_and_one_logit_block_on_gpu():
     weight.requires_grad_()
 
     def step():
-        loss = linear_cross_entropy(x, weight, target, dw_accumulation="weight_dtype", chunk_size=512)
+        loss = linear_cross_entropy(x, weight, target, dw_dtype="weight", chunk_size=512)
         return torch.autograd.grad(loss, (x, weight))
 
     step()  # compile the kernels and allocate cuBLAS's workspace first
@@ -380,8 +385,9 @@ def assert_bf16_gradient_close(got, want):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dw_accumulation", ["fp32", "weight_dtype", "per_vocab_chunk"])
-def test_cuda_graph_capture_has_no_host_sync(dw_accumulation):
+@pytest.mark.parametrize("setting", [dict(dw_dtype="float32"), dict(dw_dtype="weight"), dict(chunking="vocab")],
+                         ids=["tokens-float32", "tokens-weight", "vocab"])
+def test_cuda_graph_capture_has_no_host_sync(setting):
     """Capturing forward + backward in a CUDA graph fails on any host synchronisation; replays are right.
 
     cuBLAS may pick other algorithms inside a capture, which flips the rounding of some bf16 logit gradients,
@@ -393,7 +399,7 @@ def test_cuda_graph_capture_has_no_host_sync(dw_accumulation):
     weight.requires_grad_()
 
     def step():
-        loss = linear_cross_entropy(x, weight, target, label_smoothing=0.1, dw_accumulation=dw_accumulation)
+        loss = linear_cross_entropy(x, weight, target, label_smoothing=0.1, **setting)
         return (loss, *torch.autograd.grad(loss, (x, weight)))
 
     side = torch.cuda.Stream()

@@ -53,7 +53,8 @@ SUPPORTED = {
 }
 _SUPPORTED_TEXT = "; ".join(SUPPORTED) + "; models composed of them, e.g. Eagle (SigLIP + Qwen2)"
 _SILU_NAMES = ("silu", "swish")
-LOSS_DW_ACCUMULATIONS = ("fp32", "weight_dtype")  # the fused loss's token-chunk strategies
+LOSS_CHUNKINGS = ("tokens", "vocab")          # the fused loss's work split (longvl.kernels.linear_cross_entropy)
+LM_HEAD_GRAD_DTYPES = ("float32", "weight")   # the dtype the lm-head gradient is summed in across token chunks
 
 
 class _FusedRMSNorm:
@@ -205,7 +206,7 @@ def causal_lm_loss(causal_lm, hidden_states, shift_labels, *, weights=None, redu
     if isinstance(causal_lm, _FusedCausalLM) and type(lm_head) is nn.Linear:
         loss = fused_linear_cross_entropy(x, lm_head.weight, target, lm_head.bias, ignore_index=ignore_index,
                                           reduction=reduction, weights=token_weights,
-                                          dw_accumulation=causal_lm.lce_dw_accumulation).float()
+                                          **causal_lm.lce_options).float()
     else:
         losses = nn.functional.cross_entropy(lm_head(x).float(), target, reduction="none", ignore_index=ignore_index)
         if token_weights is not None:
@@ -267,21 +268,32 @@ def _patch_module(module, kind, hf_class, mixin) -> bool:
     return True
 
 
+def _check_loss_settings(caller, loss_chunking, lm_head_grad_dtype):
+    if loss_chunking not in LOSS_CHUNKINGS:
+        raise ValueError(f"{caller}: loss_chunking must be one of {LOSS_CHUNKINGS}, got {loss_chunking!r}")
+    if lm_head_grad_dtype not in LM_HEAD_GRAD_DTYPES:
+        raise ValueError(f"{caller}: lm_head_grad_dtype must be one of {LM_HEAD_GRAD_DTYPES}, got "
+                         f"{lm_head_grad_dtype!r}")
+    if loss_chunking == "vocab" and lm_head_grad_dtype != "float32":
+        raise ValueError(f"{caller}: loss_chunking='vocab' forms the lm-head gradient in float32 inside its GEMMs; "
+                         f"lm_head_grad_dtype must be 'float32'")
+
+
 def apply_kernels(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-                  linear_cross_entropy: bool = True, dw_accumulation: str = "fp32") -> nn.Module:
+                  linear_cross_entropy: bool = True, loss_chunking: str = "tokens",
+                  lm_head_grad_dtype: str = "float32") -> nn.Module:
     """Patch every supported module inside `model` (built, loaded, PEFT-wrapped or composite) in place.
 
-    `dw_accumulation` is the fused loss's lm-head gradient accumulation: "fp32" (exact, default) or
-    "weight_dtype" (Liger-Kernel's bf16 accumulation: 1.6 GiB less at Qwen2.5-7B's head, a few % slower; see
-    longvl.kernels.linear_cross_entropy). Returns `model`. Raises TypeError when `model` is not a module and
-    ValueError when it contains no supported model type or `dw_accumulation` is unknown. Patching again is
-    harmless and updates `dw_accumulation`.
+    The fused loss's settings (longvl.kernels.linear_cross_entropy): `loss_chunking` "tokens" (fastest) or
+    "vocab" (least memory); `lm_head_grad_dtype` "float32" (the lm-head gradient summed over token chunks in
+    fp32 and rounded once: exact, the default) or "weight" (summed in the weight's dtype, as Liger-Kernel
+    does: 1.6 GiB less at Qwen2.5-7B's head, a few % slower). Returns `model`. Raises TypeError when `model`
+    is not a module and ValueError when it contains no supported model type or a setting is unknown.
+    Patching again is harmless and updates the loss settings.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_kernels expects a torch.nn.Module, got {type(model).__name__}")
-    if dw_accumulation not in LOSS_DW_ACCUMULATIONS:
-        raise ValueError(f"apply_kernels: dw_accumulation must be one of {LOSS_DW_ACCUMULATIONS}, got "
-                         f"{dw_accumulation!r}")
+    _check_loss_settings("apply_kernels", loss_chunking, lm_head_grad_dtype)
     if not any(isinstance(m, PreTrainedModel) and _is_supported_class(type(m)) for m in model.modules()):
         raise ValueError(f"apply_kernels: {type(model).__name__} contains no supported model type. "
                          f"Supported: {_SUPPORTED_TEXT}.")
@@ -298,13 +310,14 @@ def apply_kernels(model: nn.Module, *, rms_norm: bool = True, rope: bool = True,
             patched[kind] += 1
     for module in model.modules():
         if isinstance(module, _FusedCausalLM):  # a plain attribute: no parameter, buffer or config entry
-            module.lce_dw_accumulation = dw_accumulation
+            module.lce_options = {"chunking": loss_chunking, "dw_dtype": lm_head_grad_dtype}
     logger.info("apply_kernels(%s): patched %s", type(model).__name__, patched)
     return model
 
 
 def patch_model_class(model_class: type, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-                      linear_cross_entropy: bool = True, dw_accumulation: str = "fp32") -> type:
+                      linear_cross_entropy: bool = True, loss_chunking: str = "tokens",
+                      lm_head_grad_dtype: str = "float32") -> type:
     """Make every instance of `model_class` built from now on (constructor, from_pretrained, from_config)
     carry the kernels, by running `apply_kernels` at the end of its `__init__`. Returns `model_class`.
 
@@ -315,11 +328,9 @@ def patch_model_class(model_class: type, *, rms_norm: bool = True, rope: bool = 
     if model_class.__module__.startswith("transformers.") and not _is_supported_class(model_class):
         raise ValueError(f"patch_model_class: {model_class.__name__} is not a supported model type. "
                          f"Supported: {_SUPPORTED_TEXT}.")
-    if dw_accumulation not in LOSS_DW_ACCUMULATIONS:
-        raise ValueError(f"patch_model_class: dw_accumulation must be one of {LOSS_DW_ACCUMULATIONS}, got "
-                         f"{dw_accumulation!r}")
+    _check_loss_settings("patch_model_class", loss_chunking, lm_head_grad_dtype)
     flags = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu, "linear_cross_entropy": linear_cross_entropy,
-             "dw_accumulation": dw_accumulation}
+             "loss_chunking": loss_chunking, "lm_head_grad_dtype": lm_head_grad_dtype}
     unpatched_init = getattr(model_class.__init__, "_unpatched_init", model_class.__init__)
 
     @functools.wraps(unpatched_init)

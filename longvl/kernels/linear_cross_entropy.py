@@ -2,28 +2,29 @@
 
 Logits are produced a few rows at a time by cuBLAS with fp32 output (`out_dtype=torch.float32`), reduced by two
 row kernels (an online log-sum-exp pass and a gradient pass that writes d loss / d logits in the weight's
-dtype) and fed straight to the gradient GEMMs, which also write fp32 and are rounded once. Three strategies,
-picked by `dw_accumulation`:
+dtype) and fed straight to the gradient GEMMs, which also write fp32 and are rounded once. Two settings pick
+one of three strategies: `chunking` ("tokens" or "vocab": which dimension the work is split along) and
+`dw_dtype` ("float32" or "weight": the dtype dW is summed in across token chunks):
 
-* "fp32" (default, fastest): chunks of tokens with the whole vocabulary. Each token's full logit row is in
+* chunking="tokens", dw_dtype="float32" (default, fastest): chunks of tokens with the whole vocabulary. Each token's full logit row is in
   memory at once, so the gradient is computed in the forward pass and costs 3 GEMMs in all. A chunk's logits
   are computed _LOGIT_ROWS tokens at a time into a small fp32 scratch; their gradients gather in a chunk-sized
   buffer of the weight's dtype, so the dX / dW GEMMs see a whole chunk (a long inner dimension for dW) while
   fp32 logits of only a few rows exist. dW is summed over chunks in an fp32 (vocab x hidden) buffer, narrowed
   in place at the end.
-* "weight_dtype" (opt-in, Liger-Kernel's precision): as "fp32", but each chunk's dW GEMM adds straight into the
+* chunking="tokens", dw_dtype="weight" (opt-in, Liger-Kernel's precision): as the default, but each chunk's dW GEMM adds straight into the
   gradient in the weight's dtype (fp32 inside the GEMM, one rounding per chunk), with 2048-token chunks: no fp32
-  dW buffer, 1.6 GiB less at Qwen2.5-7B's head, 3-8 % slower than "fp32" in our H200 runs. The rounding per
+  dW buffer, 1.6 GiB less at Qwen2.5-7B's head, 3-8 % slower than the default in our H200 runs. The rounding per
   chunk is the accuracy given up; use it where the head's memory decides the batch.
   With chunk_size <= _LOGIT_ROWS (512) the gradients are written over the fp32 logits themselves, so no chunk
-  buffer exists beside the logit block: "weight_dtype" with chunk_size=512 holds dW and dx in the weight's
+  buffer exists beside the logit block: dw_dtype="weight" with chunk_size=512 holds dW and dx in the weight's
   dtype plus one 512 x V fp32 block (297 MiB at V = 152064), for a dW rounded once per 512 tokens. Measured on
   CPU (bf16, 8192 tokens, H = 128, V = 2048), the dW relative error against float64 is 4.9e-3 there, 3.0e-3
-  with 2048-token chunks and 2.4e-3 for "fp32"; dx is 2.9e-3 in every strategy.
-* "per_vocab_chunk" (least memory): chunks of the vocabulary with all tokens. The forward pass keeps only the
+  with 2048-token chunks and 2.4e-3 for the default; dx is 2.9e-3 in every strategy.
+* chunking="vocab" (least memory; dW is formed in fp32 inside one GEMM per slice, so dw_dtype must be "float32"): chunks of the vocabulary with all tokens. The forward pass keeps only the
   log-sum-exp; the backward pass recomputes each logit chunk and finishes that chunk's slice of dW in one
   GEMM over all tokens (fp32 accumulation inside cuBLAS, no dW buffer); dx is summed in fp32. 4 GEMMs: on an
-  H200 at Qwen2.5-7B sizes 1.3x (8K tokens) to 1.5x (32K) slower than "fp32", with 40-50 % of its peak
+  H200 at Qwen2.5-7B sizes 1.3x (8K tokens) to 1.5x (32K) slower than the default, with 40-50 % of its peak
   memory (bench/results/linear_cross_entropy_*.json).
 
 By default dW is accumulated in fp32 (bf16 accumulation across chunks is a known cause of divergence); the
@@ -57,7 +58,7 @@ _FALLBACK_ROWS = 16384
 
 @dataclasses.dataclass(frozen=True)
 class _Options(LossOptions):
-    dw_accumulation: str
+    strategy: str   # "fp32", "weight_dtype" or "per_vocab_chunk" (from chunking and dw_dtype)
     chunk_size: int | None
 
 
@@ -124,7 +125,7 @@ def _token_chunk_pass(x, weight, bias, targets, opts, want_grad, track_argmax=Fa
     gradients are None without `want_grad`.
     """
     n_tokens, vocab = x.shape[0], weight.shape[0]
-    chunk = (opts.chunk_size or _DEFAULT_TOKEN_CHUNK[opts.dw_accumulation]) if want_grad else _LOGIT_ROWS
+    chunk = (opts.chunk_size or _DEFAULT_TOKEN_CHUNK[opts.strategy]) if want_grad else _LOGIT_ROWS
     chunk = max(1, min(n_tokens, chunk))
     logit_rows = max(1, min(chunk, n_tokens, _LOGIT_ROWS))
     stats = RowStatistics(n_tokens, x.device, track_argmax)
@@ -138,7 +139,7 @@ def _token_chunk_pass(x, weight, bias, targets, opts, want_grad, track_argmax=Fa
         scratch = torch.empty(logit_rows, vocab, device=x.device)
         grads = torch.empty(chunk, vocab, device=x.device, dtype=x.dtype) if want_grad else None
     dx = torch.empty_like(x) if want_grad else None
-    in_weight_dtype = opts.dw_accumulation == "weight_dtype"
+    in_weight_dtype = opts.strategy == "weight_dtype"
     dw_dtype = weight.dtype if in_weight_dtype else torch.float32
     dw = torch.empty(weight.shape, device=x.device, dtype=dw_dtype) if want_grad else None
     if want_grad and n_tokens == 0:  # no chunk will overwrite it
@@ -252,7 +253,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, weight, target, bias, token_weight, class_weight, opts, track_argmax):
         targets = Targets.build(target, opts, token_weight, class_weight)
         needs_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 3))
-        token_chunks = opts.dw_accumulation in _TOKEN_CHUNK_STRATEGIES
+        token_chunks = opts.strategy in _TOKEN_CHUNK_STRATEGIES
         grads_now = needs_grad and token_chunks and opts.reduction != "none"
         if token_chunks:
             stats, dx, dw, db = _token_chunk_pass(x, weight, bias, targets, opts, grads_now, track_argmax)
@@ -278,19 +279,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dx = dx.mul_(scale.to(dx.dtype))
         else:
             targets = Targets.from_saved(saved).scaled(grad_loss)
-            if opts.dw_accumulation in _TOKEN_CHUNK_STRATEGIES:
+            if opts.strategy in _TOKEN_CHUNK_STRATEGIES:
                 _, dx, dw, db = _token_chunk_pass(x, weight, bias, targets, opts, want_grad=True)
                 scale = None  # the row factors already hold grad_loss
             else:
                 dx, dw, db = _vocab_chunk_grads(x, weight, bias, targets, lse, opts)
-        if opts.dw_accumulation in _TOKEN_CHUNK_STRATEGIES:
+        if opts.strategy in _TOKEN_CHUNK_STRATEGIES:
             dw = _scale_into_own_storage(dw, scale, weight.dtype)
             db = None if db is None else (db if scale is None else db * scale).to(bias.dtype)
         return dx, dw, None, db, None, None, None, None
 
 
 def _check_inputs(x, weight, target, bias, weights, class_weight, reduction, label_smoothing, z_loss, softcap,
-                  temperature, dw_accumulation, chunk_size):
+                  temperature, chunking, dw_dtype, chunk_size):
     op = "linear_cross_entropy"
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{op}: x (..., H) and weight (V, H) must agree on H, got x {tuple(x.shape)} and weight "
@@ -313,9 +314,13 @@ def _check_inputs(x, weight, target, bias, weights, class_weight, reduction, lab
         raise ValueError(f"{op}: all tensors must be on one device, got {[str(t.device) for t in tensors]}")
     check_class_weight(op, class_weight, weight.shape[0], x.device)
     check_loss_options(op, reduction, label_smoothing, z_loss, softcap, temperature)
-    if dw_accumulation not in (*_TOKEN_CHUNK_STRATEGIES, "per_vocab_chunk"):
-        raise ValueError(f"{op}: dw_accumulation must be 'fp32', 'weight_dtype' or 'per_vocab_chunk', got "
-                         f"{dw_accumulation!r}")
+    if chunking not in ("tokens", "vocab"):
+        raise ValueError(f"{op}: chunking must be 'tokens' or 'vocab', got {chunking!r}")
+    if dw_dtype not in ("float32", "weight"):
+        raise ValueError(f"{op}: dw_dtype must be 'float32' or 'weight', got {dw_dtype!r}")
+    if chunking == "vocab" and dw_dtype != "float32":
+        raise ValueError(f"{op}: chunking='vocab' forms each dW slice in one float32 GEMM; dw_dtype must be "
+                         f"'float32' (or use chunking='tokens')")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size}")
 
@@ -323,7 +328,7 @@ def _check_inputs(x, weight, target, bias, weights, class_weight, reduction, lab
 def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, reduction="mean", weights=None,
                          class_weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0,
                          return_lse=False, return_per_token=False, return_token_accuracy=False,
-                         dw_accumulation="fp32", chunk_size=None):
+                         chunking="tokens", dw_dtype="float32", chunk_size=None):
     """Cross-entropy of the logits x @ weight^T (+ bias) against `target`, never materialising the logits.
 
     x (..., H); weight (V, H), may be the tied input embedding; target (...) int64; `weights` (...) float
@@ -333,15 +338,16 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     fp32 without the token weights, 0 where ignored; lse (...) fp32 of the transformed logits; token_accuracy a
     0-d fp32 tensor, the fraction of non-ignored tokens whose argmax (first of tied columns) is the target. The
     extras carry no gradient (use reduction="none" to differentiate per-token losses).
-    `dw_accumulation` picks the memory / speed / accuracy trade-off (module docstring); `chunk_size` is tokens
-    per chunk for "fp32" (default 4096: on an H200, 2048 takes 2.6 % longer at 16K tokens for 622 MiB less
-    memory) and "weight_dtype" (default 2048), vocabulary rows per chunk for "per_vocab_chunk" (default: a power
-    of two keeping the fp32 logit chunk within 128 MiB, at least 1024).
+    `chunking` and `dw_dtype` pick the memory / speed / accuracy trade-off (module docstring); `chunk_size` is
+    tokens per chunk for chunking="tokens" (default 4096 with dw_dtype="float32": on an H200, 2048 takes 2.6 %
+    longer at 16K tokens for 622 MiB less memory; 2048 with dw_dtype="weight"), vocabulary rows per chunk for
+    chunking="vocab" (default: a power of two keeping the fp32 logit chunk within 128 MiB, at least 1024).
     """
     _check_inputs(x, weight, target, bias, weights, class_weight, reduction, label_smoothing, z_loss, softcap,
-                  temperature, dw_accumulation, chunk_size)
+                  temperature, chunking, dw_dtype, chunk_size)
+    strategy = "per_vocab_chunk" if chunking == "vocab" else ("fp32" if dw_dtype == "float32" else "weight_dtype")
     opts = _Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-                    None if softcap is None else float(softcap), float(temperature), dw_accumulation, chunk_size)
+                    None if softcap is None else float(softcap), float(temperature), strategy, chunk_size)
     loss, token_loss, lse, accuracy = LinearCrossEntropyFunction.apply(
         x.reshape(-1, x.shape[-1]), weight, check_targets("linear_cross_entropy", target, weight.shape[0], opts),
         bias, None if weights is None else weights.reshape(-1), class_weight, opts, bool(return_token_accuracy))
@@ -357,12 +363,12 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
                  temperature=1.0, return_lse=False, return_per_token=False, return_token_accuracy=False,
-                 dw_accumulation="fp32", chunk_size=None):
+                 chunking="tokens", dw_dtype="float32", chunk_size=None):
         super().__init__()
         self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                             z_loss=z_loss, softcap=softcap, temperature=temperature, return_lse=return_lse,
                             return_per_token=return_per_token, return_token_accuracy=return_token_accuracy,
-                            dw_accumulation=dw_accumulation, chunk_size=chunk_size)
+                            chunking=chunking, dw_dtype=dw_dtype, chunk_size=chunk_size)
 
     def forward(self, x, weight, target, bias=None, weights=None, class_weight=None):
         return linear_cross_entropy(x, weight, target, bias, weights=weights, class_weight=class_weight,

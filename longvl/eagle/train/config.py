@@ -102,8 +102,8 @@ class KernelsConfig:
     swiglu: bool = option(True, "fused SwiGLU MLP")
     linear_cross_entropy: bool = option(True, "fused lm-head + cross-entropy (no logits in memory)")
     loss_chunking: str = option("tokens", "fused loss work split: tokens (fastest) or vocab (least memory)")
-    lm_head_grad_accumulation: str = option(
-        "float32", "lm-head gradient summed over token chunks in float32 (exact) or weight_dtype (less memory)")
+    lm_head_grad_dtype: str = option(
+        "float32", "lm-head gradient summed over token chunks in float32 (exact) or in the weight dtype (less memory)")
 
 
 @dataclasses.dataclass
@@ -401,11 +401,10 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
     _require(memory.ac_every >= 1, "memory.ac_every", memory.ac_every, "at least 1")
     kernels = config.kernels
     _one_of("kernels.loss_chunking", kernels.loss_chunking, ("tokens", "vocab"))
-    _one_of("kernels.lm_head_grad_accumulation", kernels.lm_head_grad_accumulation, ("float32", "weight_dtype"))
+    _one_of("kernels.lm_head_grad_dtype", kernels.lm_head_grad_dtype, ("float32", "weight"))
     if kernels.loss_chunking == "vocab":
-        _require(kernels.lm_head_grad_accumulation == "float32", "kernels.lm_head_grad_accumulation",
-                 kernels.lm_head_grad_accumulation, "vocab chunking forms each gradient slice in one float32 GEMM: "
-                 "use float32, or loss_chunking=tokens")
+        _require(kernels.lm_head_grad_dtype == "float32", "kernels.lm_head_grad_dtype", kernels.lm_head_grad_dtype,
+                 "vocab chunking forms each gradient slice in one float32 GEMM: use float32, or loss_chunking=tokens")
     checkpoint = config.checkpoint
     _require(checkpoint.interval >= 0, "checkpoint.interval", checkpoint.interval, ">= 0 (0: stage ends only)")
     _require(checkpoint.keep >= 1, "checkpoint.keep", checkpoint.keep, "at least 1 (the one resume needs)")

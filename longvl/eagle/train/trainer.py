@@ -33,8 +33,6 @@ from longvl.eagle.train.stage import Stage
 from longvl.parallel.hf import ATTENTION_NAME
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-LM_HEAD_GRADIENT = {("tokens", "float32"): "fp32", ("tokens", "weight_dtype"): "weight_dtype",
-                    ("vocab", "float32"): "per_vocab_chunk"}
 
 
 def use_deterministic_kernels() -> None:
@@ -106,7 +104,7 @@ def prepare_model(config: TrainConfig, model, device: torch.device, fsdp_mesh):
         kernels = config.kernels
         model.apply_kernels(rms_norm=kernels.rms_norm, rope=kernels.rope, swiglu=kernels.swiglu,
                             linear_cross_entropy=kernels.linear_cross_entropy,
-                            dw_accumulation=LM_HEAD_GRADIENT[kernels.loss_chunking, kernels.lm_head_grad_accumulation])
+                            loss_chunking=kernels.loss_chunking, lm_head_grad_dtype=kernels.lm_head_grad_dtype)
     model.language_model.config._attn_implementation = ATTENTION_NAME   # the vision tower keeps sdpa
     model.config.text_config._attn_implementation = ATTENTION_NAME
     llm_layers = list(model.language_model.model.layers)
