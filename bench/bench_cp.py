@@ -81,10 +81,9 @@ def cp_inputs(plan, rank, total):
 def run_algorithm(algorithm, groups, lengths, rank, backend="auto", iters=None):
     plan = plan_for(lengths, groups, algorithm)
     (q, k, v), dout = cp_inputs(plan, rank, sum(lengths))
-    cu = plan.cu_seqlens("cuda")
 
     def step():
-        context_parallel_attention(q, k, v, groups=groups, algorithm=algorithm, cu_seqlens=cu,
+        context_parallel_attention(q, k, v, groups=groups, plan=plan, algorithm=algorithm,
                                    backend=backend).backward(dout)
     return max_over_ranks(time_ms(step, *(iters or iters_for(q.shape[1]))))
 
@@ -122,7 +121,7 @@ def check_algorithm(algorithm, groups, lengths, rank):
     refs = (out_ref,) + attention_backward(dout.float(), q.float(), k.float(), v.float(), out_ref, lse_ref, aux,
                                            causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
     local = [shard(x, plan, rank).requires_grad_() for x in (q, k, v)]
-    out = context_parallel_attention(*local, groups=groups, algorithm=algorithm, cu_seqlens=plan.cu_seqlens("cuda"))
+    out = context_parallel_attention(*local, groups=groups, plan=plan, algorithm=algorithm)
     grads = torch.autograd.grad(out, local, shard(dout, plan, rank))
     return max((gather(got.detach(), plan, groups.cp).float() - want).abs().max().item()
                for got, want in zip((out,) + grads, refs))

@@ -51,8 +51,7 @@ def _check_all(rank, world_size):
         for algorithm in ALGORITHMS:
             plan = plan_for(lengths, groups, algorithm)
             local = [shard(x, plan, rank).requires_grad_() for x in (q, k, v)]
-            out = context_parallel_attention(*local, groups=groups, algorithm=algorithm, causal=causal,
-                                             cu_seqlens=plan.cu_seqlens(causal=causal))
+            out = context_parallel_attention(*local, groups=groups, plan=plan, algorithm=algorithm, causal=causal)
             grads = torch.autograd.grad(out, local, shard(dout, plan, rank))
             err = 0.0
             for got, want in zip((out,) + grads, (out_ref,) + grads_ref):
@@ -83,7 +82,8 @@ def _one_rank_skips_the_ring(rank, world_size):
         time.sleep(60)
     else:
         q = torch.randn(1, 8, 2, 4)
-        context_parallel_attention(q, q[:, :, :1], q[:, :, :1], groups=groups, algorithm="ring")
+        plan = plan_for(16, groups, "ring")
+        context_parallel_attention(q, q[:, :, :1], q[:, :, :1], groups=groups, plan=plan, algorithm="ring")
 
 
 def test_hung_collective_fails_within_timeout():
@@ -101,3 +101,33 @@ def test_automatic_choice():
     assert choose_algorithm(groups(8, 1), 28, 4) == "ring"
     with pytest.raises(ValueError, match="q_heads"):
         choose_algorithm(groups(2, 1), None, None)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("lengths", [[301, 7, 1029, 1], [1001]], ids=["packed", "dense"])
+def test_full_attention_over_padded_documents_is_refused(world, algorithm, lengths):
+    """Real queries would attend to the pad keys: the plan says so and attention refuses before any exchange
+    (no process group is needed to get the error). Causal attention over the same plans is exact (above)."""
+    from longvl.parallel import CPGroups
+
+    ulysses = 2 if algorithm.startswith("hybrid") else (world if algorithm == "ulysses" else 1)
+    groups = CPGroups(None, None, None, world // ulysses, ulysses)
+    plan = plan_for(lengths, groups, algorithm)
+    assert plan.padded
+    q = torch.randn(1, plan.local_len, 8, 16)
+    k = torch.randn(1, plan.local_len, 8, 16)
+    with pytest.raises(ValueError, match="not exact: real tokens would attend to the padding"):
+        context_parallel_attention(q, k, k, groups=groups, plan=plan, algorithm=algorithm, causal=False)
+
+
+def test_a_plan_for_another_layout_or_length_is_refused():
+    from longvl.parallel import CPGroups
+
+    groups = CPGroups(None, None, None, 2, 2)
+    ring_plan = plan_for([40, 24], groups, "ring")
+    q = torch.randn(1, ring_plan.local_len, 8, 16)
+    with pytest.raises(ValueError, match="make the plan with plan_for"):
+        context_parallel_attention(q, q, q, groups=groups, plan=ring_plan, algorithm="hybrid_ring")
+    with pytest.raises(ValueError, match="shard them with shard"):
+        context_parallel_attention(q[:, :3], q[:, :3], q[:, :3], groups=groups, plan=ring_plan, algorithm="ring")

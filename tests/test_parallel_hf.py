@@ -49,7 +49,7 @@ def _compare(rank, world_size):
 
         plan = plan_for(lengths, groups, algorithm)
         model = tiny_qwen2(ATTENTION_NAME)
-        sequence = CPSequence(groups, algorithm, cu_seqlens=plan.cu_seqlens())
+        sequence = CPSequence(groups, plan, algorithm)
         logits = model(input_ids=shard(ids, plan, rank), position_ids=shard(positions, plan, rank),
                        context_parallel=sequence).logits
         loss = F.cross_entropy(logits.flatten(0, 1), shard(labels, plan, rank, pad_value=-100).flatten(),
@@ -94,7 +94,7 @@ def _compare_eagle(rank, groups):
     plan = plan_for(30, groups, "ulysses")
     embeds = shard(_eagle_embeddings(model, ids, pixels), plan, rank)
     logits = model(inputs_embeds=embeds, position_ids=shard(torch.arange(30)[None], plan, rank),
-                   context_parallel=CPSequence(groups, "ulysses")).logits
+                   context_parallel=CPSequence(groups, plan, "ulysses")).logits
     F.cross_entropy(logits.flatten(0, 1), shard(labels, plan, rank, pad_value=-100).flatten(),
                     ignore_index=-100, reduction="sum").backward()
     torch.testing.assert_close(gather(logits.detach(), plan, groups.cp), ref_logits.detach(), **TOL)

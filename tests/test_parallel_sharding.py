@@ -43,8 +43,8 @@ def test_bad_plans_raise():
         plan_sequence(16, 4, 3)
     with pytest.raises(ValueError, match="multiples of 2 x ring size"):
         LocalDocs.build(8, 2, torch.tensor([0, 6, 10]), torch.device("cpu"))
-    with pytest.raises(ValueError, match="non-causal"):
-        plan_sequence([5, 8], 2).cu_seqlens(causal=False)
+    with pytest.raises(ValueError, match="full \(non-causal\).*not exact"):
+        plan_sequence([5, 8], 2).check_full_attention()
     with pytest.raises(ValueError, match="tokens along dim"):
         shard(torch.zeros(1, 5), plan_sequence(6, 2), 0)
 

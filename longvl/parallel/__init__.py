@@ -3,8 +3,7 @@
     mesh, groups = init_cp_mesh("cuda", cp_size=4, ulysses_size=2)
     plan = plan_for(doc_lengths, groups, "hybrid_ring")
     q = shard(q_full, plan, groups.rank)                  # also k, v, position ids, labels (-100), weights (0)
-    out = context_parallel_attention(q, k, v, groups=groups, algorithm="hybrid_ring",
-                                     cu_seqlens=plan.cu_seqlens(q.device))
+    out = context_parallel_attention(q, k, v, groups=groups, plan=plan, algorithm="hybrid_ring")
 Layout: (batch, sequence, heads, head_dim); packed batches have batch 1.
 """
 from longvl.parallel.attention import ALGORITHMS, choose_algorithm, context_parallel_attention, plan_for

@@ -25,8 +25,6 @@ mesh's Ulysses dim, zigzag ring across) when that dim is > 1, else the zigzag ri
 """
 import dataclasses
 
-import torch
-
 from longvl.parallel.allgather import allgather_attention
 from longvl.parallel.block_attention import block_attention
 from longvl.parallel.mesh import CPGroups
@@ -76,18 +74,27 @@ def plan_for(lengths, groups: CPGroups, algorithm, q_heads=None, kv_heads=None):
     return plan_sequence(lengths, groups.size, _layout(algorithm, groups).ulysses_size)
 
 
-def context_parallel_attention(q, k, v, *, groups: CPGroups, algorithm="auto", causal=True, cu_seqlens=None,
-                               scale=None, backend="auto"):
+def context_parallel_attention(q, k, v, *, groups: CPGroups, plan, algorithm="auto", causal=True, scale=None,
+                               backend="auto"):
     """Attention of this rank's queries over the whole (packed) sequence spread over the CP group.
 
-    q (B, S_local, Hq, D), k and v (B, S_local, Hkv, D), sharded with `plan_for(..., algorithm)`;
-    `cu_seqlens`: the plan's padded `cu_seqlens()` for packed batches (B == 1), None for dense ones.
-    Returns (B, S_local, Hq, D). Differentiable in q, k and v.
+    q (B, S_local, Hq, D), k and v (B, S_local, Hkv, D), sharded with `plan` (from `plan_for(..., algorithm)`;
+    packed batches have B == 1). Full attention (`causal=False`) needs every document length to be a multiple
+    of 2 x the CP size: padding would be attended to, so a padded plan is refused. Returns (B, S_local, Hq, D).
+    Differentiable in q, k and v.
     """
     algorithm = resolve(algorithm, groups, q.shape[2], k.shape[2])
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int32)
     layout = _layout(algorithm, groups)
+    if (plan.ring_size, plan.ulysses_size) != (layout.ring_size, layout.ulysses_size):
+        raise ValueError(f"the plan splits the sequence over ring {plan.ring_size} x ulysses {plan.ulysses_size} "
+                         f"ranks, but {algorithm} on this group uses ring {layout.ring_size} x ulysses "
+                         f"{layout.ulysses_size}: make the plan with plan_for(lengths, groups, {algorithm!r})")
+    if q.shape[1] != plan.local_len or k.shape[1] != plan.local_len:
+        raise ValueError(f"q and k hold {q.shape[1]} / {k.shape[1]} tokens per rank, the plan {plan.local_len}: "
+                         f"shard them with shard(x, plan, rank)")
+    if not causal:
+        plan.check_full_attention()
+    cu_seqlens = plan.cu_seqlens(q.device)
     across_ring = allgather_attention if algorithm.endswith("allgather") else ring_attention
 
     # Two levels (USP): Ulysses over the mesh's neighbouring ranks turns each rank's shard into its ring rank's

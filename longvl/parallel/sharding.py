@@ -8,8 +8,9 @@ ring_rank * ulysses + ulysses_rank: Ulysses ranks are neighbours). A dense seque
 
 Padding: pad tokens sit at the end of their document, so under causal attention no real token attends to
 them (they come later) and their outputs are dropped by `unshard`; shard labels with -100 and loss weights
-with 0 there so they add nothing to the loss. Full (non-causal) attention would let real tokens see pads,
-so it needs document lengths that are multiples of 2W (`ShardPlan.padded` says whether padding happened).
+with 0 there so they add nothing to the loss. Full (non-causal) attention would let real tokens see pads:
+context-parallel attention takes the plan and refuses it (`ShardPlan.check_full_attention`) unless every
+document length is a multiple of 2W.
 
 Inputs, position ids, already-shifted labels and loss weights are all split with `shard` on the same plan.
 """
@@ -39,16 +40,28 @@ class ShardPlan:
     def packed(self):
         return len(self.doc_lens) > 1
 
-    def cu_seqlens(self, device=None, causal=True):
-        """Cumulative padded document lengths (int32): what context-parallel attention takes; None if dense.
-
-        Raises for full attention over padded documents, where real tokens would attend to the padding."""
-        if not causal and self.padded:
-            raise ValueError(f"full (non-causal) attention needs document lengths that are multiples of "
-                             f"2 x {self.world_size}; got {self.doc_lens}")
+    def cu_seqlens(self, device=None):
+        """Cumulative padded document lengths (int32) on `device`, None for one document; cached per device."""
         if not self.packed:
             return None
-        return _cumulative(self.padded_lens, device)
+        key = str(torch.device(device) if device is not None else torch.device("cpu"))
+        cache = self.__dict__.setdefault("_cu_seqlens", {})
+        if key not in cache:
+            cache[key] = _cumulative(self.padded_lens, device)
+        return cache[key]
+
+    @property
+    def local_len(self):
+        """Tokens each rank holds."""
+        return sum(self.padded_lens) // self.world_size
+
+    def check_full_attention(self):
+        """Full (non-causal) attention over padded documents would let real tokens attend to the padding."""
+        if self.padded:
+            raise ValueError(f"full (non-causal) context-parallel attention over padded documents is not exact: "
+                             f"real tokens would attend to the padding. Document lengths {self.doc_lens} must be "
+                             f"multiples of 2 x {self.world_size} = {2 * self.world_size} (pad them yourself, as "
+                             f"separate documents), or use causal attention")
 
     def local_index(self, rank):
         """Positions (in the padded global sequence) of the tokens rank `rank` holds, in local order."""

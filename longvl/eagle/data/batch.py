@@ -48,11 +48,12 @@ class PackedBatch:
                     the pack's loss is sum(weight x token cross-entropy)
     feature_index   for each `<IMG_CONTEXT>` token the row of the pack's image features it receives
                     (tiles in token order, `tokens_per_tile` rows each), -1 for every other token
-    cu_seqlens      int32 document boundaries (docs + 1,); after `shard`, the plan's padded boundaries that
-                    context-parallel attention takes, or None for a single document
+    cu_seqlens      int32 document boundaries (docs + 1,); after `shard`, the plan's padded boundaries, or None
+                    for a single document
     pixel_values    (tiles, 3, s, s) every tile of the pack in token order (also after `shard`)
     stats           `PackStats`
     resume_state    the sampler's position after this pack (the loader keeps it for checkpoints)
+    plan            after `shard`: how the pack is laid out over the context-parallel ranks (attention takes it)
     """
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -63,6 +64,7 @@ class PackedBatch:
     pixel_values: torch.Tensor
     stats: PackStats
     resume_state: dict | None = None
+    plan: ShardPlan | None = None
 
     def shard(self, plan: ShardPlan, rank: int, device: torch.device) -> PackedBatch:
         """This context-parallel rank's part, on `device`: per-token fields cut by `plan`, tiles whole.
@@ -76,4 +78,4 @@ class PackedBatch:
             self, input_ids=cut(self.input_ids, 0), position_ids=cut(self.position_ids, 0),
             target_ids=cut(self.target_ids, IGNORE_INDEX), loss_weights=cut(self.loss_weights, 0),
             feature_index=cut(self.feature_index, -1), cu_seqlens=plan.cu_seqlens(device),
-            pixel_values=self.pixel_values.to(device, non_blocking=True))
+            pixel_values=self.pixel_values.to(device, non_blocking=True), plan=plan)

@@ -53,7 +53,7 @@ class Stage:
 
     def sequence(self, shard: PackedBatch) -> CPSequence:
         """The sequence layout the language model's context-parallel attention takes for `shard`."""
-        return CPSequence(self.mesh.groups, self.algorithm, shard.cu_seqlens)
+        return CPSequence(self.mesh.groups, shard.plan, self.algorithm)
 
     def learning_rate(self, step: int) -> float:
         return learning_rate(self.config, step, self.steps)
