@@ -7,7 +7,7 @@
     torchrun --nproc-per-node 2 -m bench.bench_train --size tiny --parts data --data-length 2048 \
         --data-samples 64 --data-long-videos 2 --data-workers 1 --data-steps 3   # the data part on CPU
 
-Model: SigLIP so400m 448/14 + Qwen2.5-7B (SPEC section 2), random weights, bf16 compute with fp32 master
+Model: SigLIP so400m 448/14 + Qwen2.5-7B, random weights, bf16 compute with fp32 master
 weights and fp32 gradient reduction, FSDP2 over all ranks, AdamW; one packed sequence per data-parallel
 rank per step: one document of the given length with `--tiles` 448-pixel tiles (256 tokens each) and text.
 A step is the trainer's own `train_step` (forward, backward, clip, optimizer step); times are medians of

@@ -1,4 +1,4 @@
-"""IAP tile selection against hand-computed cases (SPEC §3), tiling, and robust image loading."""
+"""IAP tile selection against hand-computed cases, tiling, and robust image loading."""
 import io
 import random
 
@@ -43,7 +43,7 @@ def test_iap_hand_computed(case, grid):
 
 
 def float_reference(width, height, tile, min_tiles, max_tiles):
-    """The SPEC §3 rule written directly in floats, with its scores (to skip near-ties)."""
+    """The IAP rule written directly in floats, with its scores (to skip near-ties)."""
     grids = sorted(((i, j) for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1)
                     if min_tiles <= i * j <= max_tiles), key=lambda g: (g[0] * g[1], g[0]))
     scores = [min(i * j * tile * tile / (width * height), 0.6) * min((i / j) / (width / height),

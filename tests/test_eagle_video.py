@@ -1,4 +1,4 @@
-"""Video metadata, frame sampling (SPEC §4), decord and OpenCV decoding, fallbacks and timeouts."""
+"""Video metadata, frame sampling, decord and OpenCV decoding, fallbacks and timeouts."""
 import sys
 import time
 

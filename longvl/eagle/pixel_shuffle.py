@@ -1,6 +1,6 @@
 """Pixel shuffle: merge each k x k block of vision cells into one token with k*k times the channels.
 
-The channel order is part of the checkpoint format (SPEC §2): for k = 2, token (r, c) concatenates cells
+The channel order is part of the checkpoint format: for k = 2, token (r, c) concatenates cells
 (2r, 2c), (2r, 2c+1), (2r+1, 2c), (2r+1, 2c+1) -- row offset major, column offset minor -- and tokens are
 flattened row-major. Real `mlp1` weights only make sense in this order.
 """

@@ -14,7 +14,7 @@ one of three strategies: `chunking` ("tokens" or "vocab": which dimension the wo
   in place at the end.
 * chunking="tokens", dw_dtype="weight" (opt-in, Liger-Kernel's precision): as the default, but each chunk's dW GEMM adds straight into the
   gradient in the weight's dtype (fp32 inside the GEMM, one rounding per chunk), with 2048-token chunks: no fp32
-  dW buffer, 1.6 GiB less at Qwen2.5-7B's head, 3-8 % slower than the default in our H200 runs. The rounding per
+  dW buffer (1.6 GiB less at Qwen2.5-7B's head) and somewhat slower than the default (bench/results). The rounding per
   chunk is the accuracy given up; use it where the head's memory decides the batch.
   With chunk_size <= _LOGIT_ROWS (512) the gradients are written over the fp32 logits themselves, so no chunk
   buffer exists beside the logit block: dw_dtype="weight" with chunk_size=512 holds dW and dx in the weight's
@@ -23,9 +23,8 @@ one of three strategies: `chunking` ("tokens" or "vocab": which dimension the wo
   with 2048-token chunks and 2.4e-3 for the default; dx is 2.9e-3 in every strategy.
 * chunking="vocab" (least memory; dW is formed in fp32 inside one GEMM per slice, so dw_dtype must be "float32"): chunks of the vocabulary with all tokens. The forward pass keeps only the
   log-sum-exp; the backward pass recomputes each logit chunk and finishes that chunk's slice of dW in one
-  GEMM over all tokens (fp32 accumulation inside cuBLAS, no dW buffer); dx is summed in fp32. 4 GEMMs: on an
-  H200 at Qwen2.5-7B sizes 1.3x (8K tokens) to 1.5x (32K) slower than the default, with 40-50 % of its peak
-  memory (bench/results/linear_cross_entropy_*.json).
+  GEMM over all tokens (fp32 accumulation inside cuBLAS, no dW buffer); dx is summed in fp32. 4 GEMMs instead
+  of 3: slower than the default, at a fraction of its peak memory (bench/results/linear_cross_entropy_*.json).
 
 By default dW is accumulated in fp32 (bf16 accumulation across chunks is a known cause of divergence); the
 gradient is exact (no filtering of small probabilities), and nothing synchronises with the host, so forward
@@ -339,8 +338,8 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     0-d fp32 tensor, the fraction of non-ignored tokens whose argmax (first of tied columns) is the target. The
     extras carry no gradient (use reduction="none" to differentiate per-token losses).
     `chunking` and `dw_dtype` pick the memory / speed / accuracy trade-off (module docstring); `chunk_size` is
-    tokens per chunk for chunking="tokens" (default 4096 with dw_dtype="float32": on an H200, 2048 takes 2.6 %
-    longer at 16K tokens for 622 MiB less memory; 2048 with dw_dtype="weight"), vocabulary rows per chunk for
+    tokens per chunk for chunking="tokens" (default 4096 with dw_dtype="float32", 2048 with dw_dtype="weight";
+    bench/results/tuning has the sweep), vocabulary rows per chunk for
     chunking="vocab" (default: a power of two keeping the fp32 logit chunk within 128 MiB, at least 1024).
     """
     _check_inputs(x, weight, target, bias, weights, class_weight, reduction, label_smoothing, z_loss, softcap,

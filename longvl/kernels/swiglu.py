@@ -8,8 +8,8 @@ The MLP keeps the three GEMMs on cuBLAS and removes every other pass. Forward sa
 pre-activations (or only x with recompute=True, which recomputes the two GEMMs in backward). Backward computes
 dh = dout @ Wd, then one kernel overwrites the gate and up buffers (ours, dead after this backward) with dgate
 and dup and the dh buffer with h, so backward needs one new intermediate-sized buffer instead of eager's four.
-(A Triton GEMM for gate / up with the SwiGLU epilogue measured slower than cuBLAS + the elementwise kernel on
-the H200, bench/results/swiglu_*.json, and is gone.)
+(A Triton GEMM for gate / up with the SwiGLU epilogue measured slower than cuBLAS + the elementwise kernel,
+see bench/results/swiglu_*.json, and is gone.)
 """
 import functools
 

@@ -5,23 +5,12 @@ Algorithms: "ring" (zigzag ring over all CP ranks), "allgather" (Llama3 all-gath
 ulysses dim, then ring / all-gather over its ring dim). The algorithm fixes how tokens are laid out over
 ranks, so shard inputs with `plan_for(...)` using the same algorithm.
 
-Automatic choice ("auto", `choose_algorithm`), from one run on H200s (bench/results/cp_attention_w*.json;
-bf16, 28 query / 4 KV heads, d 128, causal fwd+bwd, per-GPU throughput / single-GPU cuDNN at the same local
-length; torch's own context_parallel in the same run for comparison):
-
-    |                     | ring | allgather | ulysses | hybrid_ring | torch CP |
-    | x2, 8K tokens/GPU   | 0.85 | 0.76      | 0.91    |             | 0.69     |
-    | x2, 32K             | 0.95 | 0.94      | 0.94    |             | 0.91     |
-    | x4, 8K              | 0.82 | 0.79      | 0.95    | 0.86        | 0.69     |
-    | x4, 32K             | 0.94 | 0.95      | 0.95    | 0.96        | 0.91     |
-    | x4, 32K packed docs | 0.63 | 0.62      | 0.79    | 0.70        |          |
-
-Ulysses wins or ties everywhere it applies: after its all-to-all one long cuDNN call per document does all
-the work (the most efficient shape the kernel has), while ring / all-gather split it into W smaller blocks
-with fp32 merges, and at short lengths their per-step work is too small to hide. It needs the query heads
-divisible by the CP size (and KV heads dividing or divisible by it); otherwise the hybrid (Ulysses over the
-mesh's Ulysses dim, zigzag ring across) when that dim is > 1, else the zigzag ring, which beat all-gather at
-8K tokens/GPU and tied at 32K.
+Automatic choice ("auto", `choose_algorithm`): Ulysses wherever it applies, because after its all-to-all one
+long attention call per document does all the work (the most efficient shape a kernel has), while ring /
+all-gather split it into W smaller blocks with fp32 merges whose per-step work is too small to hide at short
+lengths. It needs the query heads divisible by the CP size (and KV heads dividing or divisible by it);
+otherwise the hybrid (Ulysses over the mesh's Ulysses dim, zigzag ring across) when that dim is > 1, else the
+zigzag ring. The measurements behind this order are in bench/results/cp_attention_w*.json (python -m bench.report).
 """
 import dataclasses
 

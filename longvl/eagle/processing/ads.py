@@ -1,4 +1,4 @@
-"""Automatic Degrade Sampling (SPEC §5): fit a sample into a max length without ever cutting its text.
+"""Automatic Degrade Sampling: fit a sample into a max length without ever cutting its text.
 
 The visual budget is max_length - text tokens. Degradation works on two caps shared by the sample's items:
 the frames per video (each video is uniformly resampled to at most that many frames) and the tiles per image

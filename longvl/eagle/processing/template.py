@@ -1,4 +1,4 @@
-"""ChatML conversations with `<image>` / `<video>` placeholders -> token ids and labels (SPEC §2, §4).
+"""ChatML conversations with `<image>` / `<video>` placeholders -> token ids and labels.
 
 Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`. An image becomes `<img>` + `<IMG_CONTEXT>` x
 (tokens_per_tile x tiles) + `</img>`; a video becomes one line per frame, `Frame {k} at {t:.2f}s: <img>...</img>`
@@ -21,7 +21,7 @@ _PLACEHOLDER = re.compile(r"(<image>|<video>)")
 
 
 @dataclasses.dataclass
-class Turn:
+class TokenizedTurn:
     role: str
     parts: list  # token-id lists (text) and ("image" | "video", index) markers, in order
 
@@ -40,7 +40,7 @@ class ChatTemplate:
         return tuple(self.encode_text(f"Frame {number} at {seconds}s: "))
 
     # --- conversation -> turns ----------------------------------------------------------------------------------
-    def split(self, messages, num_images: int, num_videos: int) -> list[Turn]:
+    def split(self, messages, num_images: int, num_videos: int) -> list[TokenizedTurn]:
         """Validate the conversation and tokenise its text; media without placeholders go first in the first
         user turn (images, then videos), so plain `[{"role": "user", "content": "Describe."}]` works."""
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -71,7 +71,7 @@ class ChatTemplate:
                     seen[kind] += 1
                 elif piece:
                     parts.append(self.encode_text(piece))
-            turns.append(Turn(message["role"], parts))
+            turns.append(TokenizedTurn(message["role"], parts))
         return turns
 
     def _header(self, role: str) -> list[int]:

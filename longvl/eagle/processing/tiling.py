@@ -1,4 +1,4 @@
-"""Image Area Preservation (IAP) tiling (SPEC §3): choose a cols x rows grid of square tiles for an image.
+"""Image Area Preservation (IAP) tiling: choose a cols x rows grid of square tiles for an image.
 
 Score of a grid (i cols, j rows) for a W x H image with tile side s:
     min(i*j*s*s / (W*H), 0.6) * min(r / r0, r0 / r),   r = i / j,  r0 = W / H

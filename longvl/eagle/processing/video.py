@@ -1,4 +1,4 @@
-"""Video metadata, frame sampling (SPEC §4) and decoding: decord first, OpenCV when decord is missing or fails.
+"""Video metadata, frame sampling and decoding: decord first, OpenCV when decord is missing or fails.
 
 Every decoder call runs under a time limit in a daemon thread: some files make decoders hang, and a hung
 native call cannot be interrupted, so the caller gets a VideoTimeoutError and moves on (the stuck thread
