@@ -90,6 +90,9 @@ class MemoryConfig:
     ac_every: int = option(2, "layer stride of selective checkpointing, >= 1")
     offload_activations: bool = option(False, "move checkpointed hidden states to CPU memory on a side stream")
     offload_params: bool = option(False, "keep parameters, gradients and the optimizer step on CPU (FSDP2)")
+    tiled_mlp_tokens: int = option(0, "run each LLM MLP over sequence chunks of this many tokens, recomputed "
+                                      "per chunk in backward (exact; 0: off)")
+    vision_micro_batch: int = option(0, "tiles per vision-tower call (0: all of a rank's tiles at once)")
 
 
 @dataclasses.dataclass
@@ -399,6 +402,8 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
     memory = config.memory
     _one_of("memory.activation_checkpointing", memory.activation_checkpointing, ("none", "full", "selective"))
     _require(memory.ac_every >= 1, "memory.ac_every", memory.ac_every, "at least 1")
+    _require(memory.tiled_mlp_tokens >= 0, "memory.tiled_mlp_tokens", memory.tiled_mlp_tokens, ">= 0 (0: off)")
+    _require(memory.vision_micro_batch >= 0, "memory.vision_micro_batch", memory.vision_micro_batch, ">= 0 (0: off)")
     kernels = config.kernels
     _one_of("kernels.loss_chunking", kernels.loss_chunking, ("tokens", "vocab"))
     _one_of("kernels.lm_head_grad_dtype", kernels.lm_head_grad_dtype, ("float32", "weight"))

@@ -30,6 +30,7 @@ from longvl.eagle.train.offload import CPUOffloadHooks, apply_activation_checkpo
 from longvl.eagle.train.parallel_dims import build_fsdp_mesh, init_distributed
 from longvl.eagle.train.signals import StopRequest
 from longvl.eagle.train.stage import Stage
+from longvl.kernels.tiled_mlp import tile_mlp
 from longvl.parallel.hf import ATTENTION_NAME
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -105,6 +106,11 @@ def prepare_model(config: TrainConfig, model, device: torch.device, fsdp_mesh):
         model.apply_kernels(rms_norm=kernels.rms_norm, rope=kernels.rope, swiglu=kernels.swiglu,
                             linear_cross_entropy=kernels.linear_cross_entropy,
                             loss_chunking=kernels.loss_chunking, lm_head_grad_dtype=kernels.lm_head_grad_dtype)
+    if config.memory.tiled_mlp_tokens:
+        for layer in model.language_model.model.layers:
+            tile_mlp(layer.mlp, config.memory.tiled_mlp_tokens)
+    if config.memory.vision_micro_batch:
+        model.config.vision_micro_batch = config.memory.vision_micro_batch
     model.language_model.config._attn_implementation = ATTENTION_NAME   # the vision tower keeps sdpa
     model.config.text_config._attn_implementation = ATTENTION_NAME
     llm_layers = list(model.language_model.model.layers)
