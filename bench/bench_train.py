@@ -22,6 +22,9 @@ Parts:
   x ring / all-gather) in the full training step.
 - pieces: at one length, what each piece buys: kernels off, offload off, selective instead of full
   activation checkpointing.
+- longest_1gpu (not in the default parts; run with one process and --preset eagle25-8b-1gpu): the longest
+  packed sequence one GPU trains, doubling then bisecting, for the Eagle shapes with --tiles image tiles and for
+  the text-only Qwen2.5-7B (--tiles 0 too: one record each), with step time, tokens/s, MFU, peak GPU and host memory.
 - data (not in the default parts): the share of step time spent on data loading (goal < 5 % at 32K per GPU,
   issue #9) with the trainer's own loader (longvl/eagle/train/stage_data.py: offline index, spawn workers, packing, ADS)
   on the generated dataset's video-heavy mixture (65 % video draws) with long 720p videos added, cp = 1.
@@ -33,6 +36,7 @@ import dataclasses
 import gc
 import math
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -85,7 +89,7 @@ class Bench:
         overrides = [f"--kernels.enabled={str(kernels).lower()}",
                      f"--memory.offload_activations={str(offload).lower()}", f"--memory.activation_checkpointing={ac}",
                      "--stages=[{name: bench, max_length: 32768, steps: 1}]"]   # each run() sets its own stage
-        self.config = load_config("eagle25-8b", overrides + [f"--model.size={args.size}"])
+        self.config = load_config(args.preset, overrides + [f"--model.size={args.size}"])
         self.rank, self.world, self.device = init_distributed()
         self.fsdp_mesh = build_fsdp_mesh(self.world)
         with torch.device(self.device):   # built on the GPU: initialising 8B parameters on CPU takes minutes
@@ -144,7 +148,8 @@ class Bench:
             return None
         step_s = torch.tensor([statistics.median(times[warmup:])], device=self.device, dtype=torch.float64)
         dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
-        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0], device=self.device)
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0,
+                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], device=self.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         seconds = step_s.item()
         flops = self.flops.step_flops([length], self.args.tiles, self.args.tiles * self.model_config.tokens_per_tile)
@@ -152,7 +157,7 @@ class Bench:
         return {"step_ms": seconds * 1e3, "tokens_per_s_per_gpu": length / cp / seconds,
                 "tflops_per_gpu": flops / cp / seconds / 1e12,
                 "mfu": flops / cp / seconds / (peak_tflops * 1e12) if peak_tflops else None,
-                "peak_gib": peak.item()}
+                "peak_gib": peak[0].item(), "peak_host_gib": peak[1].item()}
 
 
 def record(records, ceilings, provider, length, cp, world, result, note=""):
@@ -287,6 +292,10 @@ def main():
     parser.add_argument("--max-cp-limit", type=int, default=512 * K, help="longest length the cp=world search tries")
     parser.add_argument("--cp-length", type=int, default=128 * K, help="length of the cp_algorithms part (cp=world)")
     parser.add_argument("--name", default="train")
+    parser.add_argument("--preset", default="eagle25-8b",
+                        help="trainer preset whose memory settings the model gets (eagle25-8b-1gpu for longest_1gpu)")
+    parser.add_argument("--longest-start", type=int, default=128 * K, help="first length longest_1gpu tries")
+    parser.add_argument("--longest-limit", type=int, default=2048 * K, help="longest length longest_1gpu tries")
     parser.add_argument("--size", default="eagle25-8b", help="model size; `tiny` checks the script on CPU")
     parser.add_argument("--ladder", default="32768,65536,131072", help="lengths of the ladder part")
     parser.add_argument("--data-length", type=int, default=32 * K, help="max length of the data part's stage")
@@ -300,7 +309,7 @@ def main():
     rank, world, _ = init_distributed()
     ceilings = device_ceilings() if rank == 0 else {}
     records, summary = [], {}
-    bench = Bench(args) if {"max_dp", "max_cp", "ladder", "cp_algorithms", "pieces"} & set(parts) else None
+    bench = Bench(args) if {"max_dp", "max_cp", "ladder", "cp_algorithms", "pieces", "longest_1gpu"} & set(parts) else None
     if "max_dp" in parts:
         summary["max_tokens_per_gpu_cp1"], bench = search_max(bench, 1, 32 * K, args.max_dp_limit, records, ceilings,
                                                                "ours")
@@ -330,6 +339,14 @@ def main():
         bench.args.cp_algorithm = args.cp_algorithm = "auto"
     if "pieces" in parts:
         record(records, ceilings, "ours", args.pieces_length, 1, world, bench.run(args.pieces_length, 1), "pieces")
+    if "longest_1gpu" in parts:
+        if world != 1:
+            raise SystemExit("longest_1gpu measures one GPU: run it without torchrun or with --nproc-per-node 1")
+        for tiles, provider in ((args.tiles, "eagle-1gpu"), (0, "text-only-1gpu")):
+            bench.args.tiles = tiles
+            summary[f"longest_{provider}"], bench = search_max(bench, 1, args.longest_start, args.longest_limit,
+                                                                records, ceilings, provider)
+        bench.args.tiles = args.tiles
     if bench is not None:
         bench.close()
     if "pieces" in parts:

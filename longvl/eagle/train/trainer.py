@@ -123,7 +123,7 @@ def prepare_model(config: TrainConfig, model, device: torch.device, fsdp_mesh):
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=DTYPES[config.model.reduce_dtype])
     root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
                                    cast_forward_inputs=False)  # keep the fp32 loss weights fp32
-    extra = {"offload_policy": CPUOffloadPolicy()} if config.memory.offload_params else {}
+    extra = {"offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda")} if config.memory.offload_params else {}
     for layer in vision_layers + llm_layers:
         fully_shard(layer, mesh=fsdp_mesh, mp_policy=mp, **extra)
     fully_shard(model.vision_model, mesh=fsdp_mesh, mp_policy=mp, **extra)
