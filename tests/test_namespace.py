@@ -5,6 +5,7 @@ HF's `kernels` and finds ours) or be hidden by theirs. Each check runs in a fres
 repository root as the working directory and once from elsewhere, since what `import kernels` finds depends on it.
 """
 import importlib.util
+import os
 import pkgutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ IMPORT_EVERYTHING_AND_PATCH = textwrap.dedent("""
         importlib.import_module(name)
     from longvl import kernels
     import torch
+    kernels.rms_norm(torch.randn(3, 32), torch.ones(32))   # a Triton kernel calling tl.sum, interpreted on CPU
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
     model = kernels.apply_kernels(Qwen2ForCausalLM(config))
@@ -42,8 +44,10 @@ IMPORT_EVERYTHING_AND_PATCH = textwrap.dedent("""
 
 
 def _run(cwd):
+    # A user's process: transformers (and with it triton) imported before longvl, TRITON_INTERPRET not preset.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING_AND_PATCH], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 def test_no_reserved_top_level_name_in_the_repository_or_the_package():

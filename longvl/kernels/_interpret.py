@@ -15,10 +15,34 @@ def enable_interpreter_without_gpu() -> bool:
             os.environ["TRITON_INTERPRET"] = "1"
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpreted:
+        interpret_imported_triton_language()
         fix_interpreter_scalar_index()
         interpret_libdevice_tanh()
         round_bf16_to_nearest()
     return interpreted
+
+
+def interpret_imported_triton_language():
+    """Make triton.language's own jit functions (tl.sum, tl.max, ...) interpretable when triton was imported first.
+
+    They are decorated when triton.language is imported: imported before TRITON_INTERPRET was set (transformers
+    >= 5.25 imports triton at start-up through Hugging Face's kernels package), they are compiled-kernel
+    functions, which an interpreted kernel cannot call ("Cannot call @triton.jit'd outside of the scope of a
+    kernel"). Each is replaced, in every triton.language module that holds it, by its interpreted form.
+    """
+    import sys
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language") and m is not None]
+    converted = {}
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if type(value) is JITFunction:
+                if id(value) not in converted:
+                    converted[id(value)] = InterpretedFunction(value.fn)
+                setattr(module, name, converted[id(value)])
 
 
 def fix_interpreter_scalar_index():
