@@ -23,13 +23,12 @@ MULTI_GPU_SCRIPTS = {"bench_cp.py": ["--tokens", "8192"],
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Run the benchmark suite.")
+    parser = argparse.ArgumentParser(description="Run the benchmark suite; other arguments go to pytest "
+                                                 "(e.g. -k rms_norm).")
     parser.add_argument("--quick", action="store_true", help="one model and one size per benchmark")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the results JSON (created); default bench/results/ on a GPU, none on CPU")
-    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -k rms_norm)")
-    args, pytest_extra = parser.parse_known_args(argv)
-    args.pytest_args += pytest_extra
+    args, pytest_args = parser.parse_known_args(argv)   # everything else goes to pytest, e.g. -k rms_norm
     on_gpu = torch.cuda.is_available()
     if args.out is None and on_gpu:
         args.out = HERE / "results"
@@ -38,6 +37,7 @@ def main(argv=None):
               "(pass --out DIR to keep the CPU records)")
         json_dir = Path(tempfile.mkdtemp(prefix="longvl_bench_"))
     else:
+        args.out = args.out.resolve()   # pytest runs from the checkout, not from here
         args.out.mkdir(parents=True, exist_ok=True)
         json_dir = args.out
     env = dict(os.environ, BENCH_QUICK="1" if args.quick else "0",
@@ -46,7 +46,7 @@ def main(argv=None):
     if args.out is not None:
         env["BENCH_OUT"] = str(args.out)
     status = subprocess.call([sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:xdist",
-                              f"--benchmark-json={json_dir / 'pytest-benchmark.json'}", *args.pytest_args],
+                              f"--benchmark-json={json_dir / 'pytest-benchmark.json'}", *pytest_args],
                              env=env, cwd=HERE.parent)
     gpus = torch.cuda.device_count() if on_gpu else 0
     for script, quick_args in MULTI_GPU_SCRIPTS.items():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import ON_GPU
-from longvl.kernels.swiglu import SwiGLUMLP, swiglu, swiglu_backward, swiglu_forward
+from longvl.kernels.swiglu import SwiGLUMLP, swiglu, swiglu_backward
 
 DTYPE = torch.bfloat16
 if ON_GPU:

@@ -82,7 +82,8 @@ def test_suite_without_a_gpu_says_so_and_writes_nothing(tmp_path):
     out = tmp_path / "new" / "folder"
     result = subprocess.run([sys.executable, "-m", "bench", "--out", str(out), "-k", "no_such_benchmark"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.is_dir(), result.stdout + result.stderr            # --out is created
+    assert result.returncode == 5, result.stdout + result.stderr  # pytest: no benchmark matched -k
+    assert out.is_dir()                                            # --out is created
     plain = subprocess.run([sys.executable, "-m", "bench", "-k", "no_such_benchmark"], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
     assert "no CUDA GPU" in plain.stdout

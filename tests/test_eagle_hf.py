@@ -20,33 +20,17 @@ from longvl.eagle.configuration_eagle import EagleConfig, tiny_eagle_config
 from longvl.eagle.export import default_file_mode, generation_config_for, weight_files, write_hf_metadata
 from longvl.eagle.image_processing_eagle import EagleImageProcessor
 from longvl.eagle.modeling_eagle import EagleForConditionalGeneration
-from longvl.eagle.processing.template import IGNORE_INDEX, ChatTemplate
+from longvl.eagle.processing.template import IGNORE_INDEX
 from longvl.eagle.processing.tokenizer import IMG_CONTEXT, tiny_tokenizer
 from longvl.eagle.processor import CHAT_TEMPLATE, EagleProcessor, parse_chatml
 from tests.distributed import run_distributed
+from tests.readme_blocks import readme_block
 from tests.test_eagle_video import write_video
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                           AutoProcessor)
 
 # The README's quick start, run as is by test_readme_snippet (CPU) and test_readme_snippet_on_gpu.
-README_SNIPPET = '''
-import torch
-import longvl.eagle  # registers Eagle 2.5 (model type eagle_2_5_vl) with transformers' Auto classes
-from longvl.kernels import apply_kernels
-from transformers import AutoModel, AutoProcessor
-
-device = "cuda" if torch.cuda.is_available() else "cpu"
-model = AutoModel.from_pretrained(folder, dtype=torch.bfloat16).to(device)
-processor = AutoProcessor.from_pretrained(folder)
-messages = [{"role": "user", "content": [{"type": "image", "image": "photo.jpg"},
-                                         {"type": "text", "text": "Describe the picture."}]}]
-inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                       return_dict=True, return_tensors="pt").to(device)
-output = model.generate(**inputs, max_new_tokens=16)
-print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-apply_kernels(model)  # Triton RMSNorm, RoPE, SwiGLU and fused linear + cross-entropy, e.g. to fine-tune
-model.save_pretrained("eagle-export"); processor.save_pretrained("eagle-export")
-'''
+README_SNIPPET = readme_block("quick-start")
 
 
 @pytest.fixture(scope="module")

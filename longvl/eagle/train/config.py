@@ -425,6 +425,18 @@ def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+def describe_plan(config: TrainConfig, world_size: int) -> str:
+    """One line per stage: what a run of this configuration on `world_size` processes would train."""
+    lines = [f"config valid for {world_size} process(es): model {config.model.pretrained or config.model.size}, "
+             f"dtype {config.model.dtype}, data {config.data.source} from {config.data.dir}"]
+    for i, stage in enumerate(config.stages):
+        dp = world_size // stage.cp
+        steps = stage.steps if stage.steps is not None else -(-stage.tokens // (stage.max_length * dp))
+        lines.append(f"stages.{i} {stage.name}: max_length {stage.max_length}, cp {stage.cp} (ulysses "
+                     f"{stage.ulysses}, {stage.cp_algorithm}), dp {dp}, {steps} steps, lr {stage.lr}")
+    return "\n".join(lines)
+
+
 def describe_keys() -> str:
     """Every config key with its type, default and meaning: the trainer's --help."""
     lines = []
