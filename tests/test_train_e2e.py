@@ -216,7 +216,8 @@ def _train_and_keep_weights(rank, world, config_path):
     trainer = Trainer(load_config(config_path))
     trainer.run()
     state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {key: value.clone() for key, value in state.items()}, trainer.model.config.to_dict()
+    # numpy, not tensors: tensors cross process boundaries as shared-memory handles that die with this process
+    return {key: value.float().numpy().copy() for key, value in state.items()}, trainer.model.config.to_dict()
 
 
 def test_training_export_loads_with_auto_classes_and_gives_the_same_logits(tmp_path, data_dir):
@@ -239,7 +240,7 @@ def test_training_export_loads_with_auto_classes_and_gives_the_same_logits(tmp_p
     loaded = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)
     in_memory = EagleForConditionalGeneration(EagleConfig.from_dict(model_config)).eval()
-    in_memory.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in weights.items()})
+    in_memory.load_state_dict({k: torch.from_numpy(v).to(torch.bfloat16).float() for k, v in weights.items()})
     inputs = processor(text=processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
         add_generation_prompt=True), images=[_picture()], return_tensors="pt")
