@@ -19,6 +19,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def cpu_only_env(processes: int = 2) -> dict:
+    """Environment for CPU (gloo) worker processes: GPUs hidden where there are fewer than `processes`, so that a
+    CPU test that starts several ranks also runs on a one-GPU machine (each rank would claim its own GPU)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    return {}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -52,8 +60,18 @@ def run_distributed(fn, world_size, *args, timeout=180.0, backend="gloo"):
     procs = [ctx.Process(target=_worker, daemon=True,
                          args=(r, world_size, port, backend, fn, args, results, timeout + 60))
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    hidden = cpu_only_env(world_size) if backend == "gloo" else {}
+    saved = {key: os.environ.get(key) for key in hidden}
+    os.environ.update(hidden)   # spawned children read the environment when they start
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     outputs, errors = {}, {}
     deadline = time.monotonic() + timeout
     try:

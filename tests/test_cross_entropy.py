@@ -212,16 +212,17 @@ def test_module_shapes_strided_logits_and_inputs_untouched(device):
     (dict(logits=torch.zeros(5, 37, dtype=torch.float64)), "logits has dtype"),
 ], ids=["target_shape", "target_dtype", "weight_shape", "weight_dtype", "reduction", "smoothing", "z_loss",
         "softcap", "temperature", "logits_dtype"])
-def test_bad_input_raises_clear_error(bad, message):
+def test_bad_input_raises_clear_error(bad, message, device):
     args = dict(logits=torch.randn(5, 37), target=torch.zeros(5, dtype=torch.int64))
     args.update(bad)
+    args = {k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()}
     with pytest.raises((ValueError, TypeError), match=message):
         cross_entropy(args.pop("logits"), args.pop("target"), **args)
 
 
-def test_target_out_of_range_raises():
+def test_target_out_of_range_raises(device):
     with pytest.raises(RuntimeError, match="outside"):
-        cross_entropy(torch.randn(3, 5), torch.tensor([0, 5, 1]))
+        cross_entropy(torch.randn(3, 5, device=device), torch.tensor([0, 5, 1], device=device))
 
 
 def _reference_grad(logits, target, class_weight, ce_scale, z_scale, label_smoothing, z_loss, softcap):

@@ -384,17 +384,17 @@ def test_forward_checks_num_tiles(model, processor):
 
 
 # --- kernels and transformers' Trainer -------------------------------------------------------------------------------
-def test_kernels_patch_the_auto_loaded_model(folder, processor):
+def test_kernels_patch_the_auto_loaded_model(folder, processor, device):
     from longvl.kernels import apply_kernels
 
-    eager, patched = AutoModel.from_pretrained(folder), AutoModel.from_pretrained(folder)
+    eager, patched = AutoModel.from_pretrained(folder).to(device), AutoModel.from_pretrained(folder).to(device)
     assert apply_kernels(patched) is patched
     assert type(patched.language_model.model.layers[0].mlp).__name__.startswith("Fused")
     batch = processor(text=[ask("<image>") + [{"role": "assistant", "content": "A tree."}]], images=[[picture(56, 56)]],
-                      padding_side="right", return_labels=True, return_tensors="pt")
+                      padding_side="right", return_labels=True, return_tensors="pt").to(device)
     losses = [m.train()(**batch).loss for m in (eager, patched)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
-    inputs = processor(text=ask("<image>\nWhat is it?"), images=[picture(120, 60)], return_tensors="pt")
+    inputs = processor(text=ask("<image>\nWhat is it?"), images=[picture(120, 60)], return_tensors="pt").to(device)
     assert torch.equal(generate(patched.eval(), inputs, 4), generate(eager.eval(), inputs, 4))
 
 
@@ -403,6 +403,8 @@ def test_trainer_fine_tunes_the_patched_model(tmp_path, folder, processor):
     the processor as collator (right padding, labels on the assistant turns): the first logged loss is the
     eager model's on that batch, and the loss falls."""
     pytest.importorskip("accelerate")
+    if torch.cuda.is_available():
+        pytest.skip("the Trainer test runs on CPU (use_cpu), where the patched kernels need Triton's interpreter")
     from transformers import Trainer, TrainingArguments
 
     from longvl.kernels import apply_kernels

@@ -4,7 +4,7 @@ A top-level `kernels` (or `parallel`, `eagle`) of ours would either break transf
 HF's `kernels` and finds ours) or be hidden by theirs. Each check runs in a fresh interpreter, once with the
 repository root as the working directory and once from elsewhere, since what `import kernels` finds depends on it.
 """
-import importlib.util
+import importlib.metadata
 import os
 import pkgutil
 import subprocess
@@ -29,11 +29,12 @@ IMPORT_EVERYTHING_AND_PATCH = textwrap.dedent("""
         importlib.import_module(name)
     from longvl import kernels
     import torch
-    kernels.rms_norm(torch.randn(3, 32), torch.ones(32))   # a Triton kernel calling tl.sum, interpreted on CPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kernels.rms_norm(torch.randn(3, 32, device=device), torch.ones(32, device=device))   # calls tl.sum
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
-    model = kernels.apply_kernels(Qwen2ForCausalLM(config))
-    ids = torch.randint(0, 64, (1, 9))
+    model = kernels.apply_kernels(Qwen2ForCausalLM(config).to(device))
+    ids = torch.randint(0, 64, (1, 9), device=device)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss), loss
@@ -51,15 +52,18 @@ def _run(cwd):
 
 
 def test_no_reserved_top_level_name_in_the_repository_or_the_package():
-    for name in RESERVED:
-        assert not (REPO / name).exists(), f"a top-level {name}/ in the repository shadows or is shadowed by PyPI's"
+    for name in RESERVED:   # any Python source there would be importable as a top-level package
+        assert not list((REPO / name).rglob("*.py")) and not (REPO / f"{name}.py").exists(), \
+            f"a top-level {name} in the repository shadows or is shadowed by PyPI's"
     top_level = {m.name for m in pkgutil.iter_modules([str(Path(longvl.__file__).parent.parent)])}
     assert "longvl" in top_level
 
 
 @pytest.mark.parametrize("where", ["repo_root", "elsewhere"])
 def test_everything_imports_and_patches_next_to_hub_kernels(where, tmp_path):
-    if importlib.util.find_spec("kernels") is None:
+    try:
+        importlib.metadata.distribution("kernels")   # Hugging Face's package installed (not a folder found)
+    except importlib.metadata.PackageNotFoundError:
         from packaging.version import Version
         import transformers
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed import cpu_only_env
 from tests.readme_blocks import README, readme_block, readme_commands
 
 REPO = README.parent
@@ -24,7 +25,9 @@ def _shell(command: str, cwd: Path, env=None, timeout=900) -> subprocess.Complet
     command = command.replace("torchrun ", f"{shlex.quote(sys.executable)} -m torch.distributed.run ", 1)
     command = command.replace("python ", f"{shlex.quote(sys.executable)} ", 1) if command.startswith("python ") \
         else command
-    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
+    processes = int(command.split("--nproc-per-node ")[1].split()[0]) if "--nproc-per-node" in command else 1
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **cpu_only_env(processes),
+                       **(env or {}))
     result = subprocess.run(command, shell=True, cwd=cwd, env=environment, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, f"{command}\n{(result.stdout + result.stderr)[-4000:]}"

@@ -16,7 +16,7 @@ import yaml
 
 from longvl.eagle.train.config import CONFIG_DIR
 from longvl.eagle.train.metrics import read_jsonl
-from tests.distributed import free_port, run_distributed
+from tests.distributed import cpu_only_env, free_port, run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ def _torchrun(config: Path, nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
         command += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--master-addr=127.0.0.1",
                     f"--master-port={port}"]
     command += ["-m", "longvl.eagle.train", "--config", str(config)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **cpu_only_env(nproc * nnodes))
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

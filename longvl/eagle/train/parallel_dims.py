@@ -7,6 +7,7 @@ first (longvl.parallel.mesh), so its Ulysses sub-groups (fast links) are contigu
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 
@@ -25,19 +26,21 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (or a world of one without torchrun); return rank, world, device.
 
     gloo on CPU; nccl plus gloo (for CPU tensors) on GPU. Without torchrun's environment a single process
-    initialises a world of one on a free localhost port, so `python -m longvl.eagle.train` works as is.
+    initialises a world of one, so `python -m longvl.eagle.train` works as is.
     """
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
         # CPU tensors keep a gloo path on GPU machines too: optimizer-step offload and async checkpoints need it.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:   # a world of one: a store in a private file, no port to pick (and to race other processes for)
+            import tempfile
+
+            store = tempfile.NamedTemporaryFile(prefix="longvl_world_", delete=False)
+            store.close()
+            atexit.register(os.remove, store.name)
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group(backend, init_method=f"file://{store.name}", rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
