@@ -220,9 +220,13 @@ def test_bad_input_raises_clear_error(bad, message, device):
         cross_entropy(args.pop("logits"), args.pop("target"), **args)
 
 
-def test_target_out_of_range_raises(device):
+def test_target_out_of_range_raises():
+    """On CPU a clear error; on a GPU the check is a device-side assert (no host sync), which ends the process's
+    CUDA context, so it is not tried in the test process there."""
+    if torch.cuda.is_available():
+        pytest.skip("a device-side assert would poison every later test in this process")
     with pytest.raises(RuntimeError, match="outside"):
-        cross_entropy(torch.randn(3, 5, device=device), torch.tensor([0, 5, 1], device=device))
+        cross_entropy(torch.randn(3, 5), torch.tensor([0, 5, 1]))
 
 
 def _reference_grad(logits, target, class_weight, ce_scale, z_scale, label_smoothing, z_loss, softcap):
