@@ -78,6 +78,12 @@ def test_auto_picks_a_backend_for_every_dtype():
         chosen = resolve_backend("auto", torch.device("cuda"), dtype)
         assert dtype in BACKEND_DTYPES[chosen], (dtype, chosen)
     assert resolve_backend("auto", torch.device("cuda"), torch.float32) == "efficient"
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "cudnn"
+    torch.use_deterministic_algorithms(True)
+    try:   # cuDNN's backward is not deterministic: deterministic runs take flash
+        assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "flash"
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def _check_gpu_backend(backend, dtype):

@@ -156,7 +156,7 @@ def _load_latest(rank, world, root):
     latest = ckpt.latest()
     trainer_state, rank_state = ckpt.load(latest, model, optim)
     # numpy, not tensors: tensors would travel through shared memory that dies with this process
-    return latest.name, trainer_state, rank_state, {k: v.full_tensor().numpy() for k, v in model.state_dict().items()}
+    return latest.name, trainer_state, rank_state, {k: v.full_tensor().cpu().numpy() for k, v in model.state_dict().items()}
 
 
 def test_checkpoint_killed_mid_save_is_never_loaded(tmp_path):

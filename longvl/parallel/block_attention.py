@@ -18,7 +18,8 @@ Backends (`backend=`) and the dtypes they compute in (`BACKEND_DTYPES`):
 - "flash": aten's flash-attention 2, bf16 / fp16, dense and varlen, GQA-native.
 - "efficient": aten's memory-efficient kernel, fp32 / bf16 / fp16; packed batches one call per sequence.
 - "reference": PyTorch math with an explicit mask, in fp32 (float64 kept): CPU and tests.
-"auto" takes "reference" on CPU; on a GPU "cudnn" for bf16 / fp16 and "efficient" for fp32. A backend asked
+"auto" takes "reference" on CPU; on a GPU "cudnn" for bf16 / fp16 ("flash" under
+`torch.use_deterministic_algorithms`, whose backward is then deterministic) and "efficient" for fp32. A backend asked
 for a dtype it cannot compute raises ValueError: cuDNN's SDPA fed fp32 does not refuse, it returns garbage.
 flash-attn is not installed in our environments, so no path depends on it.
 """
@@ -71,7 +72,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
-        return "cudnn" if dtype in HALF_DTYPES else "efficient"
+        if dtype not in HALF_DTYPES:
+            return "efficient"
+        # cuDNN's backward is not deterministic (torch's own SDPA dispatch skips it under deterministic
+        # algorithms); flash's backward is, when torch asks for determinism.
+        return "flash" if torch.are_deterministic_algorithms_enabled() else "cudnn"
     if dtype not in BACKEND_DTYPES[backend]:
         fits = [name for name, dtypes in BACKEND_DTYPES.items() if dtype in dtypes]
         raise ValueError(f"the {backend} attention backend does not compute in {dtype}; backends for {dtype}: "
