@@ -11,30 +11,15 @@ import time
 from pathlib import Path
 
 from longvl.eagle.train.metrics import read_jsonl
-from tests.test_train_e2e import REPO, _finish, _kill_tree, _torchrun, data_dir, write_config  # noqa: F401
+from tests.test_train_e2e import REPO, _finish, _kill_tree, _torchrun, data_dir, descendants, write_config  # noqa: F401
 
 STAGE = [{"name": "s", "max_length": 512, "cp": 1, "steps": 12, "lr": 2e-3, "warmup_fraction": 0.1}]
 SECTIONS = {"checkpoint": {"interval": 5, "async_save": True}}
 
 
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, found = list(children.get(pid, [])), []
-    while todo:
-        found.append(todo.pop())
-        todo += children.get(found[-1], [])
-    return found
-
-
 def _worker_pid(launcher: int, rank: int) -> int:
     """The torchrun worker of global rank `rank` under `launcher`."""
-    for pid in _descendants(launcher):
+    for pid in descendants(launcher):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:

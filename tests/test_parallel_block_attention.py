@@ -123,9 +123,9 @@ def test_gpu_auto_backend_is_exact_for_every_dtype(dtype):
     _check_gpu_backend("auto", dtype)
 
 
-def test_per_sequence_loop_matches_ragged_reference(monkeypatch):
-    """The cuDNN backend runs packed batches one sequence at a time; with the reference kernel standing in
-    for cuDNN (CPU), the loop must equal ragged reference attention, forward and backward."""
+def test_per_sequence_loop_matches_ragged_reference():
+    """cuDNN and the memory-efficient kernel run packed batches one sequence at a time; with the reference kernel
+    standing in for the dense kernel (CPU), the loop must equal ragged reference attention, forward and backward."""
     import longvl.parallel.block_attention as la
 
     def dense_forward(q, k, v, causal, scale):
@@ -135,15 +135,12 @@ def test_per_sequence_loop_matches_ragged_reference(monkeypatch):
     def dense_backward(dout, q, k, v, out, lse, causal, scale, extras):
         return la._reference_backward(dout, q, k, v, out, lse, causal, scale, None, None)
 
-    monkeypatch.setattr(la, "_cudnn_dense_forward", dense_forward)
-    monkeypatch.setattr(la, "_cudnn_dense_backward", dense_backward)
     for name, sq, sk, causal, cu_q, cu_k in _cases(torch.device("cpu"))[2:]:
         q, k, v, dout = _inputs("cpu", torch.float64, sq, sk, q_heads=4, kv_heads=2, dim=16)
         out, lse, *grads = _exact(q, k, v, dout, causal, cu_q, cu_k)
-        mine_out, mine_lse, aux = la._cudnn_forward(q, k, v, causal, 0.25, la._varlen(cu_q, cu_k, None, None,
-                                                                                       None, None))
-        mine = la._cudnn_backward(dout, q, k, v, mine_out, mine_lse, causal, 0.25,
-                                  la._varlen(cu_q, cu_k, None, None, None, None), aux)
+        varlen = la._varlen(cu_q, cu_k, None, None, None, None)
+        mine_out, mine_lse, aux = la._per_sequence_forward(dense_forward, "test", q, k, v, causal, 0.25, varlen)
+        mine = la._per_sequence_backward(dense_backward, dout, q, k, v, mine_out, mine_lse, causal, 0.25, varlen, aux)
         torch.testing.assert_close(mine_out, out, **FP32_TOL, msg=name)
         torch.testing.assert_close(mine_lse.double(), lse, **FP32_TOL, msg=name)
         for got, want in zip(mine, grads):

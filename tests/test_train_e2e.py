@@ -107,8 +107,8 @@ def _torchrun(config: Path, nproc: int, *, nnodes: int = 1, node_rank: int = 0, 
                             text=True)
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun's workers leave its process group)."""
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (torchrun's workers leave its process group)."""
     children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -116,11 +116,16 @@ def _kill_tree(pid: int) -> None:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, tree = [pid], []
+    todo, found = list(children.get(pid, [])), []
     while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    for member in tree:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants."""
+    for member in [pid] + descendants(pid):
         try:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:

@@ -24,6 +24,7 @@ for a dtype it cannot compute raises ValueError: cuDNN's SDPA fed fp32 does not 
 flash-attn is not installed in our environments, so no path depends on it.
 """
 import dataclasses
+import functools
 
 import torch
 
@@ -195,20 +196,6 @@ def _cudnn_dense_backward(dout, q, k, v, out, lse, causal, scale, extras):
     return t(dq), _reduce_kv(t(dk), groups), _reduce_kv(t(dv), groups)
 
 
-def _cudnn_forward(q, k, v, causal, scale, varlen):
-    """cuDNN; packed batches run one dense call per sequence (the ragged cuDNN op fails on torch 2.11)."""
-    if varlen is None:
-        out, lse, extras = _cudnn_dense_forward(q, k, v, causal, scale)
-        return out, lse, BlockAux("cudnn", (extras,))
-    return _per_sequence_forward(_cudnn_dense_forward, "cudnn", q, k, v, causal, scale, varlen)
-
-
-def _cudnn_backward(dout, q, k, v, out, lse, causal, scale, varlen, aux):
-    if varlen is None:
-        return _cudnn_dense_backward(dout, q, k, v, out, lse, causal, scale, aux.extras[0])
-    return _per_sequence_backward(_cudnn_dense_backward, dout, q, k, v, out, lse, causal, scale, varlen, aux)
-
-
 def _flash_forward(q, k, v, causal, scale, varlen):
     if varlen is None:
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
@@ -232,7 +219,11 @@ def _flash_backward(dout, q, k, v, out, lse, causal, scale, varlen, aux):
 
 
 def _per_sequence_forward(dense_forward, backend, q, k, v, causal, scale, varlen):
-    """Packed batches as one dense call per sequence (`dense_forward` -> (out, lse, extras))."""
+    """A dense batch in one call, a packed one as one dense call per sequence (`dense_forward` -> (out, lse,
+    extras)): how cuDNN (whose ragged op fails on torch 2.11) and the memory-efficient kernel take packed batches."""
+    if varlen is None:
+        out, lse, extras = dense_forward(q, k, v, causal, scale)
+        return out, lse, BlockAux(backend, (extras,))
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     all_extras = []
@@ -243,24 +234,13 @@ def _per_sequence_forward(dense_forward, backend, q, k, v, causal, scale, varlen
 
 
 def _per_sequence_backward(dense_backward, dout, q, k, v, out, lse, causal, scale, varlen, aux):
+    if varlen is None:
+        return dense_backward(dout, q, k, v, out, lse, causal, scale, aux.extras[0])
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for ((a, b), (c, d)), extras in zip(varlen.segments(), aux.extras):
         dq[:, a:b], dk[:, c:d], dv[:, c:d] = dense_backward(
             dout[:, a:b], q[:, a:b], k[:, c:d], v[:, c:d], out[:, a:b], lse[:, a:b], causal, scale, extras)
     return dq, dk, dv
-
-
-def _efficient_forward(q, k, v, causal, scale, varlen):
-    if varlen is None:
-        out, lse, extras = _efficient_dense_forward(q, k, v, causal, scale)
-        return out, lse, BlockAux("efficient", (extras,))
-    return _per_sequence_forward(_efficient_dense_forward, "efficient", q, k, v, causal, scale, varlen)
-
-
-def _efficient_backward(dout, q, k, v, out, lse, causal, scale, varlen, aux):
-    if varlen is None:
-        return _efficient_dense_backward(dout, q, k, v, out, lse, causal, scale, aux.extras[0])
-    return _per_sequence_backward(_efficient_dense_backward, dout, q, k, v, out, lse, causal, scale, varlen, aux)
 
 
 def _efficient_dense_forward(q, k, v, causal, scale):
@@ -284,8 +264,12 @@ def _efficient_dense_backward(dout, q, k, v, out, lse, causal, scale, extras):
     return dq, _reduce_kv(dk, groups), _reduce_kv(dv, groups)
 
 
-_FORWARD = {"cudnn": _cudnn_forward, "flash": _flash_forward, "efficient": _efficient_forward}
-_BACKWARD = {"cudnn": _cudnn_backward, "flash": _flash_backward, "efficient": _efficient_backward}
+_FORWARD = {"cudnn": functools.partial(_per_sequence_forward, _cudnn_dense_forward, "cudnn"),
+            "flash": _flash_forward,
+            "efficient": functools.partial(_per_sequence_forward, _efficient_dense_forward, "efficient")}
+_BACKWARD = {"cudnn": functools.partial(_per_sequence_backward, _cudnn_dense_backward),
+             "flash": _flash_backward,
+             "efficient": functools.partial(_per_sequence_backward, _efficient_dense_backward)}
 
 
 def _varlen(cu_q, cu_k, max_q, max_k, lens_q, lens_k):
