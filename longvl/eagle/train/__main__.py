@@ -29,9 +29,15 @@ def main(argv=None) -> int:
     if args.check:
         print(describe_plan(config, int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
+    import torch.distributed as dist
+
     from longvl.eagle.train.trainer import train  # after validation: nothing heavy is built for a bad config
 
-    train(config)
+    try:
+        train(config)
+    finally:   # process groups left to interpreter exit can abort it ("terminate called without an active exception")
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
