@@ -117,7 +117,10 @@ def test_gradient_checkpointing_both_towers_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25 deprecates the old name
+                model.activation_checkpointing_enable()
+            else:
+                model.gradient_checkpointing_enable()
             layers = list(model.vision_model.vision_model.encoder.layers) + list(model.language_model.model.layers)
             assert all(layer.gradient_checkpointing for layer in layers)
         model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()

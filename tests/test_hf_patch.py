@@ -273,7 +273,10 @@ def test_loss_settings_reach_the_fused_loss(device, monkeypatch):
 def test_gradient_checkpointing(device):
     reference, patched = _pair("qwen3", device, layers=1)
     for model in (reference, patched):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25 deprecates the old name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _assert_same_step(reference, patched, _batch(device), use_cache=False)
 
 
