@@ -251,6 +251,31 @@ def main_probe(args):
                       flush=True)
                 records.append(Record("attention.fwd_bwd", backend, dict(tokens=tokens, varlen=varlen, docs=len(lengths)),
                                       "bfloat16", ms, "TFLOP/s", value, device="gpu"))
+    # Real packs change their document lengths every step, and cuDNN builds an execution plan per new length:
+    # packs of short documents drawn afresh for every call show what that costs against flash's one varlen call.
+    for backend in ("cudnn", "flash"):
+        for tokens in args.tokens:
+            rng = random.Random(1)
+            q = torch.randn(1, tokens, Q_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+            k, v = torch.randn(2, 1, tokens, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16).unbind(0)
+            drawn = []
+
+            def fresh_step():
+                lengths = random_documents(tokens, rng, shortest=64, longest=args.fresh_longest)
+                drawn.append(lengths)
+                cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+                kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths),
+                          seqlens_q=lengths, seqlens_k=lengths)
+                out, lse, aux = attention_forward(q, k, v, causal=True, backend=backend, **kw)
+                attention_backward(q, q, k, v, out, lse, aux, causal=True, **kw)
+            ms = time_ms(fresh_step, 3, 10)
+            docs = statistics.median(len(lengths) for lengths in drawn)
+            value = statistics.median(causal_flops(lengths) for lengths in drawn) / ms / 1e9
+            print(f"{backend:9s} fresh packs 64-{args.fresh_longest} tokens={tokens:6d} ({docs:.0f} docs) {ms:8.2f} ms "
+                  f"{value:6.1f} TFLOP/s", flush=True)
+            records.append(Record("attention.fwd_bwd", backend, dict(tokens=tokens, varlen=True, docs=docs,
+                                                                     lengths=f"fresh 64-{args.fresh_longest}"),
+                                  "bfloat16", ms, "TFLOP/s", value, device="gpu"))
     for tokens in args.tokens:
         ms = single_gpu_cudnn(tokens)
         records.append(Record("attention.fwd_bwd", "sdpa_cudnn_repeated_kv", dict(tokens=tokens), "bfloat16", ms,
@@ -264,6 +289,8 @@ if __name__ == "__main__":
     parser.add_argument("--probe", action="store_true", help="single-GPU backend probe instead of the CP run")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="tokens per GPU")
     parser.add_argument("--packed-tokens", type=int, default=32768)
+    parser.add_argument("--fresh-longest", type=int, default=4096,
+                        help="probe: longest document of the packs drawn afresh for every call")
     parser.add_argument("--max-seq-world", type=int, default=4)
     parser.add_argument("--max-seq-algorithm", default="ring")
     parser.add_argument("--max-seq-tokens", type=int, nargs="+", default=[131072, 262144])
