@@ -79,6 +79,9 @@ def test_auto_picks_a_backend_for_every_dtype():
         assert dtype in BACKEND_DTYPES[chosen], (dtype, chosen)
     assert resolve_backend("auto", torch.device("cuda"), torch.float32) == "efficient"
     assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "cudnn"
+    # a packed batch is one flash call; cuDNN would run (and plan) each of its sequence lengths apart
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16, packed=True) == "flash"
+    assert resolve_backend("auto", torch.device("cuda"), torch.float32, packed=True) == "efficient"
     torch.use_deterministic_algorithms(True)
     try:   # cuDNN's backward is not deterministic: deterministic runs take flash
         assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "flash"

@@ -18,8 +18,10 @@ Backends (`backend=`) and the dtypes they compute in (`BACKEND_DTYPES`):
 - "flash": aten's flash-attention 2, bf16 / fp16, dense and varlen, GQA-native.
 - "efficient": aten's memory-efficient kernel, fp32 / bf16 / fp16; packed batches one call per sequence.
 - "reference": PyTorch math with an explicit mask, in fp32 (float64 kept): CPU and tests.
-"auto" takes "reference" on CPU; on a GPU "cudnn" for bf16 / fp16 ("flash" under
-`torch.use_deterministic_algorithms`, whose backward is then deterministic) and "efficient" for fp32. A backend asked
+"auto" takes "reference" on CPU; on a GPU, for bf16 / fp16, "flash" for packed batches (cuDNN builds an execution
+plan for every new sequence length, and real packs bring new lengths every step: seconds per step against
+milliseconds, bench/results/attention_backends_*.json) and under `torch.use_deterministic_algorithms` (flash's backward
+is then deterministic, cuDNN's is not), "cudnn" for dense blocks; "efficient" for fp32. A backend asked
 for a dtype it cannot compute raises ValueError: cuDNN's SDPA fed fp32 does not refuse, it returns garbage.
 flash-attn is not installed in our environments, so no path depends on it.
 """
@@ -29,8 +31,8 @@ import functools
 import torch
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-# What each backend computes in. The GPU choice for half precision is cuDNN, the fastest of the three in
-# bench/results/attention_backends_*.json.
+# What each backend computes in. For dense half-precision blocks the GPU choice is cuDNN, the fastest of the three
+# in bench/results/attention_backends_*.json.
 BACKEND_DTYPES = {
     "cudnn": HALF_DTYPES,
     "flash": HALF_DTYPES,
@@ -66,8 +68,9 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k):
                              f"sequences have {q.shape[1]} / {k.shape[1]} tokens")
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs `dtype` tensors on `device`: "auto" picks one, an explicit one must fit."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, packed: bool = False) -> str:
+    """The backend that runs `dtype` tensors on `device` (`packed`: with cu_seqlens): "auto" picks one, an explicit
+    one must fit."""
     if backend not in ("auto",) + _BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {('auto',) + _BACKENDS}")
     if backend == "auto":
@@ -76,8 +79,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         if dtype not in HALF_DTYPES:
             return "efficient"
         # cuDNN's backward is not deterministic (torch's own SDPA dispatch skips it under deterministic
-        # algorithms); flash's backward is, when torch asks for determinism.
-        return "flash" if torch.are_deterministic_algorithms_enabled() else "cudnn"
+        # algorithms); flash's backward is, when torch asks for determinism. cuDNN runs a packed batch as one call
+        # per sequence and plans each new length afresh; flash takes the whole pack in one varlen call.
+        return "flash" if packed or torch.are_deterministic_algorithms_enabled() else "cudnn"
     if dtype not in BACKEND_DTYPES[backend]:
         fits = [name for name, dtypes in BACKEND_DTYPES.items() if dtype in dtypes]
         raise ValueError(f"the {backend} attention backend does not compute in {dtype}; backends for {dtype}: "
@@ -292,7 +296,7 @@ def attention_forward(q, k, v, *, causal, scale=None, cu_seqlens_q=None, cu_seql
     """
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    backend = resolve_backend(backend, q.device, q.dtype)
+    backend = resolve_backend(backend, q.device, q.dtype, packed=cu_seqlens_q is not None)
     if backend == "reference":
         out, lse = _reference_forward(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k)
         return out, lse, BlockAux("reference")

@@ -113,6 +113,10 @@ def prepare_model(config: TrainConfig, model, device: torch.device, fsdp_mesh):
         model.config.vision_micro_batch = config.memory.vision_micro_batch
     model.language_model.config._attn_implementation = ATTENTION_NAME   # the vision tower keeps sdpa
     model.config.text_config._attn_implementation = ATTENTION_NAME
+    if device.type == "cuda":
+        # torch's sdpa dispatch prefers cuDNN on Hopper, and cuDNN builds an execution plan for every new shape: the
+        # vision tower's batch (the pack's tile count) changes every step (the bf16 demo's steps took twice as long).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     llm_layers = list(model.language_model.model.layers)
     vision_layers = list(model.vision_model.vision_model.encoder.layers)
     offload = CPUOffloadHooks(device_copy=device.type != "cuda") if config.memory.offload_activations else None
