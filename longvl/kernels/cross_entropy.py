@@ -123,8 +123,10 @@ def logit_grad_kernel(
         ce_scale * ((1 - eps) c_y (p_v - [v = y]) + (eps / V) (p_v sum_u c_u - c_v)) + z_scale * 2 z_loss lse p_v
     times the transform's slope. The class weight of the target is read only for a target inside [0, vocab).
 
-    The gradient row may alias the first half of an fp32 logit row (narrower dtype): every block is loaded
-    before it is stored, and stores only reach addresses already read, so the overwrite is safe.
+    The gradient row may alias the first half of an fp32 logit row (narrower dtype). Stores only reach addresses
+    of this block or earlier ones, and a barrier holds every store of a block until all of the program's warps
+    have loaded it: a thread's 2-byte gradient at column c lands on the logit of column c / 2, which another warp
+    loads (without the barrier that warp sometimes reads an overwritten logit, a silent and sporadic error).
     """
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
@@ -156,6 +158,7 @@ def logit_grad_kernel(
             grad -= smooth_coef
         if HAS_SOFTCAP:
             grad = grad * softcap_slope(z, raw, inv_temperature, softcap)
+        tl.debug_barrier()
         tl.store(out_ptr + cols, (grad * inv_temperature).to(out_ptr.dtype.element_ty), mask=in_row)
 
 
