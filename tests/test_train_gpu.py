@@ -120,4 +120,9 @@ def test_kill_and_resume_gives_the_identical_curve(tmp_path, demo_data):
     assert len(read_jsonl(metrics)) < 34, "the run ended before it could be killed"
     resumed = _demo(folder, demo_data, *overrides)
     assert [r["step"] for r in resumed] == list(range(1, 35))
-    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in reference]
+    curve = [(r["loss"], r["grad_norm"]) for r in resumed]
+    expected = [(r["loss"], r["grad_norm"]) for r in reference]
+    differ = [step for step, (mine, ref) in enumerate(zip(curve, expected), 1) if mine != ref]
+    # a first difference at or before the resumed checkpoint's step is a rerun that is not deterministic
+    assert not differ, (f"steps {differ} differ; first: step {differ[0]} (loss, grad_norm) resumed "
+                        f"{curve[differ[0] - 1]} vs uninterrupted {expected[differ[0] - 1]}")

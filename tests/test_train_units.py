@@ -156,10 +156,12 @@ def _load_latest(rank, world, root):
     latest = ckpt.latest()
     trainer_state, rank_state = ckpt.load(latest, model, optim)
     # numpy, not tensors: tensors would travel through shared memory that dies with this process
-    return latest.name, trainer_state, rank_state, {k: v.full_tensor().cpu().numpy() for k, v in model.state_dict().items()}
+    return latest.name, trainer_state, rank_state, {k: v.full_tensor().numpy() for k, v in model.state_dict().items()}
 
 
-def test_checkpoint_killed_mid_save_is_never_loaded(tmp_path):
+def test_checkpoint_killed_mid_save_is_never_loaded(tmp_path, monkeypatch):
+    # CPU ranks on any machine: with a GPU visible, fully_shard would place the model on it (and the batch is on CPU)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     root = tmp_path / "ckpt"
     proc = subprocess.run([sys.executable, "-c", _KILL_MID_SAVE, str(root)], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd()))
