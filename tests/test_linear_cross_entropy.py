@@ -5,14 +5,13 @@ tests run the real Qwen2.5-7B head (V = 152064, H = 3584) in bf16, and a CUDA-gr
 anything in the op synchronises with the host.
 """
 import importlib
-import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from longvl.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
-from tests.test_cross_entropy import reference as logits_reference
+from tests.test_cross_entropy import OPTION_GRID, reference as logits_reference
 
 # The names `longvl.kernels.linear_cross_entropy` / `.cross_entropy` are the functions; these are the modules.
 lce_module = importlib.import_module("longvl.kernels.linear_cross_entropy")
@@ -100,10 +99,6 @@ def test_options_match_float64(strategy, options, device):
     weights = torch.rand(29) * 2
     assert_matches(*run_both(x, weight, target, bias, weights=weights, **options, **strategy),
                    loss_tol=1e-5, grad_tol=1e-5)
-
-
-OPTION_GRID = list(itertools.product(["mean", "sum", "none"], [-100, 3], [0.0, 0.1], [0.0, 1e-3], [None, 5.0],
-                                     [False, True]))
 
 
 @pytest.mark.parametrize("reduction, ignore_index, label_smoothing, z_loss, softcap, class_weights", OPTION_GRID,
