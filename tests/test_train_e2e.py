@@ -132,6 +132,18 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def _kill_after_step(proc, metrics, step: int, timeout: float) -> int:
+    """SIGKILL the run (and its workers) once its metrics hold `step` rows; return the rows written by then."""
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(read_jsonl(metrics)) >= step):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, f"the run did not reach step {step}"
+        time.sleep(0.05)
+    _kill_tree(proc.pid)
+    proc.wait()
+    return len(read_jsonl(metrics))
+
+
 def _finish(proc, timeout=300):
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -155,14 +167,7 @@ def test_two_node_launch_then_kill9_resume_is_bitwise_identical(tmp_path, data_d
     resumed = write_config(tmp_path / "killed", data_dir, stage, **sections)
     proc = _torchrun(resumed, 2)
     metrics = tmp_path / "killed" / "metrics" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(read_jsonl(metrics)) >= 5):
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, "run did not reach step 5"
-        time.sleep(0.05)
-    _kill_tree(proc.pid)
-    proc.wait()
-    killed_at = len(read_jsonl(metrics))
+    killed_at = _kill_after_step(proc, metrics, 5, timeout=300)
     assert killed_at < 16, "the run ended before it could be killed"
     out = _finish(_torchrun(resumed, 2))
     assert "resumed from" in out

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from longvl.eagle.train.metrics import read_jsonl
-from tests.test_train_e2e import REPO, _kill_tree
+from tests.test_train_e2e import REPO, _kill_after_step
 
 pytestmark = pytest.mark.gpu
 CURVE_RTOL = {"float32": 1e-3, "bfloat16": 3e-2}
@@ -109,15 +109,8 @@ def test_kill_and_resume_gives_the_identical_curve(tmp_path, demo_data):
     folder = tmp_path / "killed"
     proc = subprocess.Popen(_command(folder, demo_data, overrides), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    metrics = folder / "metrics" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.exists() and len(read_jsonl(metrics)) >= 12):
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, "the run did not reach step 12"
-        time.sleep(0.05)
-    _kill_tree(proc.pid)
-    proc.wait()
-    assert len(read_jsonl(metrics)) < 34, "the run ended before it could be killed"
+    killed_at = _kill_after_step(proc, folder / "metrics" / "metrics.jsonl", 12, timeout=600)
+    assert killed_at < 34, "the run ended before it could be killed"
     resumed = _demo(folder, demo_data, *overrides)
     assert [r["step"] for r in resumed] == list(range(1, 35))
     curve = [(r["loss"], r["grad_norm"]) for r in resumed]

@@ -382,12 +382,18 @@ def cross_entropy(logits, target, weight=None, *, ignore_index=-100, reduction="
     rows = logits.reshape(-1, vocab)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    loss, token_loss, lse, accuracy = CrossEntropyFunction.apply(
-        rows, check_targets(op, target, vocab, opts), weight, opts, bool(return_token_accuracy))
+    outputs = CrossEntropyFunction.apply(rows, check_targets(op, target, vocab, opts), weight, opts,
+                                         bool(return_token_accuracy))
+    return shape_outputs(outputs, target.shape, reduction, return_per_token, return_lse, return_token_accuracy)
+
+
+def shape_outputs(outputs, target_shape, reduction, return_per_token, return_lse, return_token_accuracy):
+    """(loss, token_loss, lse, accuracy) of flat rows -> the loss in the targets' shape, then the extras asked for."""
+    loss, token_loss, lse, accuracy = outputs
     if reduction == "none":
-        loss = loss.view(target.shape)
-    extras = [t for t, wanted in ((token_loss.view(target.shape), return_per_token),
-                                  (lse.view(target.shape), return_lse), (accuracy, return_token_accuracy)) if wanted]
+        loss = loss.view(target_shape)
+    extras = [t for t, wanted in ((token_loss.view(target_shape), return_per_token),
+                                  (lse.view(target_shape), return_lse), (accuracy, return_token_accuracy)) if wanted]
     return (loss, *extras) if extras else loss
 
 

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from longvl.kernels.cross_entropy import (LossOptions, RowStatistics, Targets, check_class_weight,
-                                          check_loss_options, check_targets, reduce_loss, write_logit_grad)
+                                          check_loss_options, check_targets, reduce_loss, shape_outputs,
+                                          write_logit_grad)
 
 _DEFAULT_TOKEN_CHUNK = {"fp32": 4096, "weight_dtype": 2048}  # tokens per chunk of the token-chunk strategies
 _TOKEN_CHUNK_STRATEGIES = ("fp32", "weight_dtype")
@@ -347,14 +348,10 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     strategy = "per_vocab_chunk" if chunking == "vocab" else ("fp32" if dw_dtype == "float32" else "weight_dtype")
     opts = _Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss),
                     None if softcap is None else float(softcap), float(temperature), strategy, chunk_size)
-    loss, token_loss, lse, accuracy = LinearCrossEntropyFunction.apply(
+    outputs = LinearCrossEntropyFunction.apply(
         x.reshape(-1, x.shape[-1]), weight, check_targets("linear_cross_entropy", target, weight.shape[0], opts),
         bias, None if weights is None else weights.reshape(-1), class_weight, opts, bool(return_token_accuracy))
-    if reduction == "none":
-        loss = loss.view(target.shape)
-    extras = [t for t, wanted in ((token_loss.view(target.shape), return_per_token),
-                                  (lse.view(target.shape), return_lse), (accuracy, return_token_accuracy)) if wanted]
-    return (loss, *extras) if extras else loss
+    return shape_outputs(outputs, target.shape, reduction, return_per_token, return_lse, return_token_accuracy)
 
 
 class LinearCrossEntropy(torch.nn.Module):
