@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from longvl.kernels.swiglu import SwiGLUMLP, swiglu, swiglu_mlp
+from longvl.kernels.swiglu import SwiGLUMLP, _column_parts, swiglu, swiglu_mlp
 from tests.distributed import run_distributed
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -161,6 +162,40 @@ def test_mlp_recompute_saves_no_intermediate_sized_tensor(device):
         intermediate_sized = [t for t in saved if t is not None and t.shape[0] == tokens and t.dim() == 2
                               and t.shape[1] % intermediate == 0]
         assert sum(t.numel() for t in intermediate_sized) == expected * tokens * intermediate
+
+
+class _NewTensorSizes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op allocates (views, out= and in-place ops allocate none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        name = func._schema.name.split("::")[-1]
+        if not func.is_view and "out" not in (kwargs or {}) and not name.endswith("_") and \
+                func._schema.overload_name != "out":
+            self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(result)
+                            if isinstance(t, torch.Tensor)]
+        return result
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mlp_backward_allocates_one_intermediate_slice_at_a_time(device, recompute):
+    """Backward's only new [tokens, intermediate]-sized buffer is dh for one slice of the columns (and, with
+    recompute, the two recomputed pre-activations): eager would allocate four full ones."""
+    x64, params64 = random_mlp_inputs(device, bias=False)
+    x, params = leaf(x64, torch.float32), [leaf(p, torch.float32) for p in params64[:3]]
+    tokens, intermediate = x.numel() // x.shape[-1], params[0].shape[0]
+    out = swiglu_mlp(x, *params, recompute=recompute)
+    with _NewTensorSizes() as allocated:
+        torch.autograd.grad(out.sum(), [x, *params])
+    half = -(-intermediate // 2)
+    widths = sorted(shape[1] for shape in allocated.shapes if len(shape) == 2 and shape[0] == tokens
+                    and shape[1] != x.shape[-1])  # token-major buffers other than dx
+    assert [w for w in widths if w > half] == ([intermediate] * 2 if recompute else []), widths
+    assert [s.stop - s.start for s in _column_parts(intermediate)] == [w for w in widths if w <= half], widths
 
 
 def test_mlp_gradients_accumulate_over_steps_with_each_parameter_layout(device):

@@ -5,9 +5,12 @@ Forward reads gate and up once and writes h; silu is never stored but recomputed
 kernel reads (dh, gate, up) and writes (dgate, dup), optionally also h for the down projection's weight grad.
 
 The MLP keeps the three GEMMs on cuBLAS and removes every other pass. Forward saves x and the gate / up
-pre-activations (or only x with recompute=True, which recomputes the two GEMMs in backward). Backward computes
-dh = dout @ Wd, then one kernel overwrites the gate and up buffers (ours, dead after this backward) with dgate
-and dup and the dh buffer with h, so backward needs one new intermediate-sized buffer instead of eager's four.
+pre-activations (or only x with recompute=True, which recomputes the two GEMMs in backward). Backward takes
+the intermediate columns in BACKWARD_PARTS slices: per slice it computes dh = dout @ Wd[:, slice], one kernel
+overwrites that slice of the gate and up buffers (ours, dead after this backward) with dgate and dup and the dh
+buffer with h, and the down weight's gradient for those columns is written. So backward needs one new buffer of
+a slice's size (half the intermediate size) instead of eager's four intermediate-sized ones; the GEMMs stay
+wide enough (thousands of columns at real widths) to keep cuBLAS at its speed.
 (A Triton GEMM for gate / up with the SwiGLU epilogue measured slower than cuBLAS + the elementwise kernel,
 see bench/results/swiglu_*.json, and is gone.)
 """
@@ -25,6 +28,7 @@ from longvl.kernels._utils import cdiv
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TILE = 2048  # elements per program of the elementwise kernels: 8 per thread with NUM_WARPS = 8
 NUM_WARPS = 8
+BACKWARD_PARTS = 2  # slices of the intermediate dim the MLP's backward takes in turn (module docstring)
 
 
 @triton.jit
@@ -190,6 +194,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, overwrite_inputs_in_backward
     return SwiGLUFunction.apply(gate, up, overwrite_inputs_in_backward)
 
 
+def _column_parts(intermediate: int):
+    """The intermediate columns in BACKWARD_PARTS slices: backward holds dh (then h) for one slice at a time."""
+    bounds = [intermediate * i // BACKWARD_PARTS for i in range(BACKWARD_PARTS + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 class SwiGLUMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, recompute):
@@ -222,12 +232,15 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         else:
             ctx.consumed = True
             gate, up = saved
-        dh = dout @ down_weight
-        # In place: dgate over gate, dup over up, h over dh (only the down weight's gradient needs h).
-        swiglu_backward(dh, gate, up, gate, up, h=dh if needs[3] else None)
-        dgate, dup, h = gate, up, dh
-        grad_down_weight = dout.t() @ h if needs[3] else None
-        del h, dh
+        grad_down_weight = torch.empty_like(down_weight) if needs[3] else None
+        for cols in _column_parts(gate.shape[1]):
+            dh = dout @ down_weight[:, cols]
+            # In place: dgate over gate, dup over up, h over dh (only the down weight's gradient needs h).
+            swiglu_backward(dh, gate[:, cols], up[:, cols], gate[:, cols], up[:, cols], h=dh if needs[3] else None)
+            if needs[3]:
+                torch.mm(dout.t(), dh, out=grad_down_weight[:, cols])
+            del dh
+        dgate, dup = gate, up
         grad_down_bias = dout.sum(0) if needs[6] else None
         grad_x = None
         if needs[0]:
