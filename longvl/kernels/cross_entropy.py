@@ -34,7 +34,11 @@ from triton.language.extra import libdevice
 from longvl.kernels._utils import check_kernel_tensor, next_power_of_2
 
 REDUCTIONS = ("mean", "sum", "none")
-STATS_BLOCK = 1024  # logits per step of the statistics kernel: a max and a sum across lanes per step
+STATS_BLOCK = 1024  # logits per step of the statistics kernel (4 warps): a max and a sum across lanes per step
+# Launches of fewer rows (the fused loss's 512-row blocks) take steps twice as wide on 8 warps: with one program
+# per row, a few hundred rows leave each SM too few loads in flight at 4 warps
+# (bench/results/tuning/cross_entropy_stats_launch_*.json).
+STATS_FEW_ROWS = 1024
 GRAD_BLOCK = 4096  # logits per step of the gradient kernel
 
 
@@ -244,12 +248,15 @@ class RowStatistics:
         if logits.shape[0] == 0:
             return
         class_weight = targets.class_weight
+        few_rows = logits.shape[0] < STATS_FEW_ROWS
+        block = 2 * STATS_BLOCK if few_rows else STATS_BLOCK
         logit_stats_kernel[(logits.shape[0],)](
             logits, logits.stride(0), targets.target[rows], self.max if class_weight is None else class_weight,
             self.max[rows], self.sumexp[rows], self.target_logit[rows], self.logit_sum[rows],
             self.max[rows] if self.argmax is None else self.argmax[rows], first_col, logits.shape[1],
             HAS_CLASS_WEIGHT=class_weight is not None, TRACK_ARGMAX=self.argmax is not None,
-            BLOCK=min(STATS_BLOCK, next_power_of_2(logits.shape[1])), num_warps=4, **_transform_args(opts))
+            BLOCK=min(block, next_power_of_2(logits.shape[1])), num_warps=8 if few_rows else 4,
+            **_transform_args(opts))
 
     def lse(self, start=0, stop=None):
         return self.max[start:stop] + self.sumexp[start:stop].log()
