@@ -3,8 +3,9 @@
     python -m bench.report            # rewrite README's table, bench/REPORT.md, bench/results/plots/*.png
 
 Only GPU records are tabled (CPU-side ones, like the processor's, stay in their JSON). For each (op, shape,
-dtype) our fastest variant is compared with the fastest peer of the same run; context-parallel rows also give
-per-GPU throughput as a fraction of one GPU alone. Every figure comes from a results file, none is typed.
+dtype) our fastest variant is compared with the fastest peer of the same run (the README keeps the newest run
+per card, bench/REPORT.md every run); context-parallel rows also give per-GPU throughput as a fraction of one
+GPU alone. Every figure comes from a results file, none is typed.
 """
 import argparse
 import json
@@ -58,6 +59,18 @@ def comparisons(runs):
                 groups[(rec["op"], _shape_str(rec["shape"]), rec["dtype"])][rec["provider"]] = rec
         rows += [(run, *key, provs) for key, provs in groups.items()]
     return rows
+
+
+def newest_per_card(rows):
+    """One row per (card, op, shape, dtype): the one from the newest run (the README's table; bench/REPORT.md keeps
+    every run)."""
+    newest = {}
+    for row in rows:
+        env = row[0]["env"]
+        key = (env.get("device"), *row[1:4])
+        if key not in newest or env.get("date", "") > newest[key][0]["env"].get("date", ""):
+            newest[key] = row
+    return list(newest.values())
 
 
 def _speed(rec):
@@ -138,7 +151,7 @@ def main(argv=None):
     parser.parse_args(argv)
     runs = load_runs()
     rows = comparisons(runs)
-    headline = [row for row in rows if row[1] in README_OPS]
+    headline = newest_per_card([row for row in rows if row[1] in README_OPS])
     body = table(headline) if headline else "No GPU results committed yet."
     readme = ROOT / "README.md"
     text = readme.read_text()

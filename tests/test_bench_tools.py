@@ -48,6 +48,17 @@ def test_report_table_compares_ours_with_best_peer():
     assert "liger" in table and "2.00x" in table
 
 
+def test_readme_table_keeps_the_newest_run_of_each_card():
+    runs = []
+    for device, date, ours in (("H100", "2026-12-01", 2.0), ("H100", "2026-12-05", 1.0), ("H200", "2026-11-30", 3.0)):
+        run = _results(ours=ours, liger=4.0)
+        run["env"] = {"device": device, "date": date}
+        run["file"] = f"{device}_{date}.json"
+        runs.append(run)
+    kept = report.newest_per_card(report.comparisons(runs))
+    assert sorted(row[0]["file"] for row in kept) == ["H100_2026-12-05.json", "H200_2026-11-30.json"]
+
+
 def test_median_ms_times_a_function():
     calls = []
     assert harness.median_ms(lambda: calls.append(1)) >= 0 and len(calls) >= 2
